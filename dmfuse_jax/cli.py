@@ -1,0 +1,62 @@
+"""The `dmfuse` command line: one entry point, subcommands from a registry.
+
+Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported lazily so `dmfuse info` does not pay for the training stack.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dmfuse_jax.errors import UserError
+
+# name -> (module, one-line help). Registry, not an if-chain: add a command by adding a row.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("dmfuse_jax.info", "versions, devices, parameter and FLOP counts of a config's model"),
+    "train": ("dmfuse_jax.training.train", "train a stage (diffusion pretraining or fusion) from a config"),
+    "fuse": ("dmfuse_jax.inference.fuse_cli", "fuse infrared/visible (or medical) image pairs"),
+    "export": ("dmfuse_jax.inference.export_cli", "export an inference bundle and a serialized artefact"),
+    "convert-torch": ("dmfuse_jax.conversion.cli", "build an inference bundle from PyTorch weights"),
+    "evaluate": ("dmfuse_jax.evaluation.cli", "score fused images with the field's metrics"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmfuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Arguments are added lazily (only for the chosen command) to keep startup fast.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_help(sys.stderr)
+            print(f"\ndmfuse: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"dmfuse {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"dmfuse {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dmfuse {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Image files in and out: reading (8/16-bit, grey/RGB), pair matching, YCbCr, atomic PNG writes.
+
+Every error names the file and the problem (`UserError`), so the CLI can print it and exit non-zero.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dmfuse_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.ndarray:
+    """Reads an image as float32 in [0, 1], shape (H, W, 1) for grey or (H, W, 3) for colour.
+
+    8-bit images are divided by 255. 16-bit (and 32-bit integer/float) images, such as raw thermal
+    TIFFs, are mapped with `sixteen_bit`: 'minmax' stretches the image's own min..max to 0..1 (the
+    usual display mapping for radiometric thermal data); 'full' divides by 65535. RGB images whose
+    three channels are equal (TNO stores grey this way) come back as grey. Alpha is dropped.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                arr = np.asarray(im, dtype=np.uint16).astype(np.float32)
+                high = True
+            elif mode in ("I", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                high = True
+            elif mode in ("L", "RGB"):
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+                high = False
+            elif mode == "1":
+                arr = np.asarray(im, dtype=np.float32)
+                high = False
+            else:  # P, LA, RGBA, CMYK, YCbCr ...
+                target = "L" if mode in ("LA", "La") else "RGB"
+                arr = np.asarray(im.convert(target), dtype=np.float32) / 255.0
+                high = False
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+    if high:
+        if sixteen_bit == "minmax":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        elif sixteen_bit == "full":
+            arr = np.clip(arr / 65535.0, 0.0, 1.0)
+        else:
+            raise ValueError(f"unknown sixteen_bit mapping {sixteen_bit!r} (expected 'minmax' or 'full')")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: unsupported image shape {arr.shape} (expected grey or RGB)")
+    if arr.shape[-1] == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+        arr = arr[..., :1]
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise UserError(f"{path}: image is too small ({arr.shape[1]}x{arr.shape[0]})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def to_uint8(x01: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(x01, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def write_image_atomic(path: str | os.PathLike, x01: np.ndarray) -> None:
+    """Writes a [0, 1] image (H, W), (H, W, 1) or (H, W, 3) as 8-bit PNG (or per suffix) atomically:
+    to a temporary file in the same folder, then renamed, so no partial file is ever left."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(x01)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format=_pil_format(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pil_format(path: Path) -> str:
+    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
+            ".tiff": "TIFF"}.get(path.suffix.lower(), "PNG")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder`, sorted by name. Errors on a missing or image-less folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise UserError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def match_pairs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *,
+                names: tuple[str, str] = ("infrared", "visible")) -> list[tuple[str, Path, Path]]:
+    """Pairs files of two folders by file stem (extension may differ). Returns (stem, a, b) sorted.
+
+    Any name present in only one folder is an error listing every unmatched name.
+    """
+    a = {p.stem: p for p in list_images(a_dir)}
+    b = {p.stem: p for p in list_images(b_dir)}
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        msg = [f"unmatched image names between {a_dir} and {b_dir}:"]
+        if only_a:
+            msg.append(f"  only in {names[0]} folder {a_dir}: {', '.join(only_a[:20])}" + (" ..." if len(only_a) > 20 else ""))
+        if only_b:
+            msg.append(f"  only in {names[1]} folder {b_dir}: {', '.join(only_b[:20])}" + (" ..." if len(only_b) > 20 else ""))
+        raise UserError("\n".join(msg))
+    return [(k, a[k], b[k]) for k in sorted(a)]
+
+
+# ITU-R BT.601 full-range YCbCr (as JPEG and OpenCV's RGB2YCrCb), on [0, 1] values.
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1] (chroma centred on 0.5)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = (b - y) * 0.564 + 0.5
+    cr = (r - y) * 0.713 + 0.5
+    return np.stack([y, cb, cr], axis=-1)
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """Inverse of `rgb_to_ycbcr`, clipped to [0, 1]."""
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 0.5, ycc[..., 2] - 0.5
+    r = y + 1.403 * cr
+    g = y - 0.714 * cr - 0.344 * cb
+    b = y + 1.773 * cb
+    return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0)

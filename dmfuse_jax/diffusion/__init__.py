@@ -1,0 +1,9 @@
+"""Diffusion maths: the noise schedule, q_sample, the DDPM loss and ancestral sampling."""
+from dmfuse_jax.diffusion.gaussian import (  # noqa: F401
+    Schedule,
+    ddpm_loss,
+    make_schedule,
+    p_sample_loop,
+    q_sample,
+    sample_noise_level,
+)

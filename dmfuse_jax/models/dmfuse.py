@@ -1,0 +1,125 @@
+"""The whole DMFuse model: frozen diffusion feature extractor + fusion head, for any image size."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmfuse_jax.diffusion.gaussian import Schedule, q_sample
+from dmfuse_jax.models.fusion_head import FusionHead
+from dmfuse_jax.models.unet import UNet
+
+# ITU-R BT.601 luma: the Y of YCbCr; an RGB-stored grey image (equal channels) maps to itself.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grey(x: jax.Array) -> jax.Array:
+    """(B, H, W, 1 | 3) -> (B, H, W, 1)."""
+    if x.shape[-1] == 1:
+        return x
+    if x.shape[-1] == 3:
+        return jnp.tensordot(x, jnp.asarray(LUMA, x.dtype), axes=[[-1], [0]])[..., None]
+    raise ValueError(f"expected 1 or 3 channels, got an input of shape {x.shape}")
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+    """Reflect-pad H and W at the bottom/right up to multiples of `multiple`. (B, H, W, C)."""
+    h, w = x.shape[1:3]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    # Reflection needs pad < size; tiny inputs fall back to edge padding.
+    mode = "reflect" if ph < h and pw < w else "edge"
+    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+def noisy_inputs(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedule,
+                 timesteps: Sequence[int], channels: int) -> tuple[jax.Array, jax.Array]:
+    """Both modalities at every timestep, as one UNet batch.
+
+    ir, vi: (B, H, W, 1). Returns x_t (T * 2 * B, H, W, channels), ordered t-major, then
+    modality (infrared first), then image; and g (T * 2 * B,) drawn per entry from its step's interval.
+    """
+    b = ir.shape[0]
+    n_t = len(timesteps)
+    x0 = jnp.concatenate([ir, vi], axis=0).astype(jnp.float32)
+    x0 = jnp.repeat(x0, channels, axis=-1) if channels != 1 else x0
+    x0 = jnp.broadcast_to(x0[None], (n_t,) + x0.shape).reshape((n_t * 2 * b,) + x0.shape[1:])
+    table = np.asarray(schedule.sqrt_alphas_cumprod_prev, np.float32)
+    t = np.repeat(np.asarray(timesteps), 2 * b)
+    lo, hi = jnp.asarray(table[t]), jnp.asarray(table[t - 1])
+    k_g, k_eps = jax.random.split(key)
+    g = lo + (hi - lo) * jax.random.uniform(k_g, lo.shape)
+    return q_sample(x0, g, jax.random.normal(k_eps, x0.shape, jnp.float32)), g
+
+
+class DMFuse(nn.Module):
+    """fuse(ir, vi) for any size and batch.
+
+    ir, vi: (B, H, W, 1 | 3) in model range (see `input_range`); a 3-channel input is reduced to
+    its luma. Returns the fused image (B, H, W, 1), tanh range; H and W are reflect-padded to the
+    UNet stride internally and cropped back.
+    Params: {'unet': ..., 'head': ...}. RNG stream 'noise' drives the diffusion noise.
+    """
+
+    unet: UNet
+    head: FusionHead
+    schedule: Schedule
+    timesteps: Sequence[int] = (5, 50, 100)
+
+    def extract_features(self, ir: jax.Array, vi: jax.Array):
+        """Frozen UNet taps of both modalities at every timestep, in ONE batched UNet call.
+
+        ir, vi: (B, H, W, 1), H and W multiples of the UNet stride. Returns two lists (infrared,
+        visible) of five arrays; level l has shape (B, H / 2^(l-1), W / 2^(l-1), len(timesteps) * C_l),
+        timesteps concatenated in config order. Gradients stop here: nothing reaches the UNet.
+        Noise (g and eps) comes from the 'noise' RNG stream: a fixed key gives a fixed output.
+        """
+        b, n_t = ir.shape[0], len(self.timesteps)
+        x_t, g = noisy_inputs(self.make_rng("noise"), ir, vi, self.schedule, self.timesteps,
+                              self.unet.in_channels)
+        taps = self.unet(x_t, g, taps=True)
+        ir_feats, vi_feats = [], []
+        for tap in taps:
+            tap = jax.lax.stop_gradient(tap).reshape((n_t, 2, b) + tap.shape[1:])
+            per_mod = jnp.concatenate([tap[i] for i in range(n_t)], axis=-1)  # (2, B, h, w, T C)
+            ir_feats.append(per_mod[0])
+            vi_feats.append(per_mod[1])
+        return ir_feats, vi_feats
+
+    def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
+        if ir.shape[:3] != vi.shape[:3]:
+            raise ValueError(f"infrared {ir.shape} and visible {vi.shape} differ in batch or size")
+        h, w = ir.shape[1:3]
+        stride = self.unet.total_stride
+        ir = pad_to_multiple(to_grey(ir), stride)
+        vi = pad_to_multiple(to_grey(vi), stride)
+        ir_feats, vi_feats = self.extract_features(ir, vi)
+        return self.head(ir_feats, vi_feats)[:, :h, :w, :]
+
+    def init_all(self, ir, vi):
+        """Initialises every parameter (the UNet's full forward too, not only the tapped part)."""
+        x = jnp.zeros(ir.shape[:3] + (self.unet.in_channels,), jnp.float32)
+        self.unet(x, jnp.ones((ir.shape[0],)))
+        return self(ir, vi)
+
+
+def to_model_range(x01: jax.Array, input_range: str) -> jax.Array:
+    """Images in [0, 1] -> model range ('-1_1': the paper; '0_1': the released test code)."""
+    if input_range == "-1_1":
+        return x01 * 2.0 - 1.0
+    if input_range == "0_1":
+        return x01
+    raise ValueError(f"unknown input_range {input_range!r} (expected '-1_1' or '0_1')")
+
+
+def from_model_range(y: jax.Array, input_range: str) -> jax.Array:
+    """Model output -> [0, 1] (clipped)."""
+    if input_range == "-1_1":
+        y = (y + 1.0) * 0.5
+    elif input_range != "0_1":
+        raise ValueError(f"unknown input_range {input_range!r} (expected '-1_1' or '0_1')")
+    return jnp.clip(y, 0.0, 1.0)

@@ -1,0 +1,1 @@
+"""Training: the fusion loss, both training stages, sharding and checkpoints."""

@@ -1,0 +1,97 @@
+"""The fusion loss of DESIGN.md section 5 (and the released code's variant, section 4).
+
+L = w_ssim L_ssim + w_intensity L_int + w_gradient L_grad, on images (B, H, W, 1) in model range.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+SOBEL_Y = SOBEL_X.T
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    return (g / g.sum()).astype(np.float32)
+
+
+def _filter_valid(x: jax.Array, kernel_1d: np.ndarray) -> jax.Array:
+    """Separable 'valid' filtering of (B, H, W, C), per channel."""
+    c = x.shape[-1]
+    k = jnp.asarray(kernel_1d)
+    kh = jnp.tile(k.reshape(-1, 1, 1, 1), (1, 1, 1, c))
+    kw = jnp.tile(k.reshape(1, -1, 1, 1), (1, 1, 1, c))
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.lax.conv_general_dilated(x, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
+    return jax.lax.conv_general_dilated(x, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
+
+
+def ssim(a: jax.Array, b: jax.Array, data_range: float, win_size: int = 11, sigma: float = 1.5) -> jax.Array:
+    """Mean SSIM per image (Wang et al. 2004), Gaussian window, valid positions only.
+
+    a, b: (B, H, W, C) with H, W >= win_size. Returns (B,).
+    """
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    win = gaussian_window(win_size, sigma)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = _filter_valid(a, win), _filter_valid(b, win)
+    s_aa = _filter_valid(a * a, win) - mu_a ** 2
+    s_bb = _filter_valid(b * b, win) - mu_b ** 2
+    s_ab = _filter_valid(a * b, win) - mu_a * mu_b
+    m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+    return jnp.mean(m, axis=(1, 2, 3))
+
+
+def sobel_magnitude(x: jax.Array) -> jax.Array:
+    """|Sobel_x| + |Sobel_y| of (B, H, W, C), zero padded, same size."""
+    c = x.shape[-1]
+    k = np.stack([SOBEL_X, SOBEL_Y], axis=-1)[:, :, None, :]  # (3, 3, 1, 2)
+    k = jnp.asarray(np.tile(k, (1, 1, 1, c)))  # (3, 3, 1, 2C), per-channel groups
+    out = jax.lax.conv_general_dilated(x.astype(jnp.float32), k, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    return jnp.abs(out[..., 0::2]) + jnp.abs(out[..., 1::2])
+
+
+def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float = 1.0,
+                w_intensity: float = 4.0, w_gradient: float = 20.0, intensity_target: str = "mean",
+                ssim_weighting: str = "fixed", data_range: float = 2.0) -> tuple[jax.Array, dict]:
+    """fused, ir, vi: (B, H, W, 1) in model range (data_range = 2 for [-1, 1], 1 for [0, 1]).
+
+    Returns (scalar loss, {'loss_ssim', 'loss_intensity', 'loss_gradient', 'ssim_ir', 'ssim_vi'}).
+    """
+    fused, ir, vi = (t.astype(jnp.float32) for t in (fused, ir, vi))
+    ssim_ir = ssim(fused, ir, data_range)
+    ssim_vi = ssim(fused, vi, data_range)
+    g_f, g_ir, g_vi = sobel_magnitude(fused), sobel_magnitude(ir), sobel_magnitude(vi)
+    if ssim_weighting == "fixed":
+        w_ir = w_vi = 0.5
+    elif ssim_weighting == "gradient":  # released code: each source's mean Sobel magnitude, normalised
+        m_ir, m_vi = jnp.mean(g_ir, axis=(1, 2, 3)), jnp.mean(g_vi, axis=(1, 2, 3))
+        w_ir = m_ir / (m_ir + m_vi + 1e-12)
+        w_vi = 1.0 - w_ir
+    else:
+        raise ValueError(f"unknown ssim_weighting {ssim_weighting!r} (expected 'fixed' or 'gradient')")
+    loss_ssim = jnp.mean(w_ir * (1 - ssim_ir) + w_vi * (1 - ssim_vi))
+    if intensity_target == "mean":
+        target = 0.5 * (ir + vi)
+    elif intensity_target == "max":
+        target = jnp.maximum(ir, vi)
+    else:
+        raise ValueError(f"unknown intensity_target {intensity_target!r} (expected 'mean' or 'max')")
+    loss_int = jnp.mean(jnp.abs(fused - target))
+    loss_grad = jnp.mean(jnp.abs(g_f - jnp.maximum(g_ir, g_vi)))
+    total = w_ssim * loss_ssim + w_intensity * loss_int + w_gradient * loss_grad
+    return total, dict(loss_ssim=loss_ssim, loss_intensity=loss_int, loss_gradient=loss_grad,
+                       ssim_ir=jnp.mean(ssim_ir), ssim_vi=jnp.mean(ssim_vi))
+
+
+def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1"):
+    """`fusion_loss` with weights/target/weighting from `config.loss` and the data range from the
+    model's input range."""
+    return fusion_loss(fused, ir, vi, w_ssim=loss_config.w_ssim, w_intensity=loss_config.w_intensity,
+                       w_gradient=loss_config.w_gradient, intensity_target=loss_config.intensity_target,
+                       ssim_weighting=loss_config.ssim_weighting,
+                       data_range=2.0 if input_range == "-1_1" else 1.0)

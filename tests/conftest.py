@@ -1,0 +1,45 @@
+"""Shared test fixtures. Tests run on CPU; heavy cases are marked `slow` and run with --runslow."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DMFUSE_SHARED", ROOT.parent / "shared"))
+GOLDEN = SHARED / "golden"
+DATA = SHARED / "data"
+WEIGHTS = SHARED / "weights"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"../shared not found at {SHARED} (set DMFUSE_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from dmfuse_jax.config_lib import load_config
+    return load_config(str(ROOT / "configs" / "tiny.py"))
+
+
+@pytest.fixture(scope="session")
+def quarter_config():
+    from dmfuse_jax.config_lib import load_config
+    return load_config(str(ROOT / "configs" / "dmfuse_quarter.py"))

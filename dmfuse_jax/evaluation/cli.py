@@ -1,0 +1,190 @@
+"""`dmfuse evaluate`: score folders of fused images against their infrared/visible sources.
+
+  dmfuse evaluate --ir DIR --vis DIR --fused DIR [--fused DIR ...] --csv OUT.csv
+                  [--markdown OUT.md] [--plot OUT.png] [--metrics EN,SD,...]
+                  [--color luminance|per-channel] [--workers N]
+
+Pairs are matched by file stem (extensions may differ); every fused folder must hold exactly one image
+per pair. The method name of a fused folder is the folder's name. Writes one CSV row per (method,
+image), prints the per-method mean ± std table and the elapsed time, and optionally writes the table as
+markdown and a radar plot (OUT.png) with a bar chart beside it (OUT_bars.png).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from dmfuse_jax.errors import UserError
+from dmfuse_jax.evaluation.metrics import COLOR_MODES, METRICS
+
+# One unit of work: an image pair with the fused images of every method (the sources' expensive
+# features are then computed once per pair).
+Task = tuple[str, Path, Path, list[tuple[str, Path]]]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ir", required=True, help="folder of infrared (or first-modality) images")
+    parser.add_argument("--vis", required=True, help="folder of visible (or second-modality) images")
+    parser.add_argument("--fused", required=True, action="append",
+                        help="folder of fused images (repeat for several methods; method = folder name)")
+    parser.add_argument("--csv", required=True, help="per-image scores (CSV: method,image,<metrics>)")
+    parser.add_argument("--markdown", help="write the per-method summary table (mean ± std) as markdown")
+    parser.add_argument("--plot", help="radar plot PNG (a bar chart is written beside it as *_bars.png)")
+    parser.add_argument("--metrics", default=",".join(METRICS),
+                        help=f"comma-separated subset of: {','.join(METRICS)} (default: all)")
+    parser.add_argument("--color", choices=COLOR_MODES, default="luminance",
+                        help="colour fused images: score the BT.601 luminance (default) or the mean over "
+                             "R, G, B with grey sources reused per channel (VIFB)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes (0: one per available CPU, at most one per image pair)")
+
+
+def _parse_metrics(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise UserError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                        f"known: {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header; UserError for a file that is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+
+
+def build_tasks(ir_dir: str, vis_dir: str, fused_dirs: list[str]) -> tuple[list[str], list[Task]]:
+    """Matches the pairs and the fused images and checks every file's size, before any scoring."""
+    from dmfuse_jax.data.images import list_images, match_pairs
+
+    pairs = match_pairs(ir_dir, vis_dir)
+    methods: list[str] = []
+    fused_maps: list[dict[str, Path]] = []
+    for d in fused_dirs:
+        name = Path(d).resolve().name
+        if name in methods:
+            raise UserError(f"{d}: two --fused folders are both named {name!r}; the folder name is the "
+                            f"method name, so rename one")
+        files = list_images(d)
+        by_stem: dict[str, Path] = {}
+        for p in files:
+            if p.stem in by_stem:
+                raise UserError(f"{p}: two fused images share the name {p.stem!r} ({by_stem[p.stem].name})")
+            by_stem[p.stem] = p
+        missing = [stem for stem, _, _ in pairs if stem not in by_stem]
+        if missing:
+            raise UserError(f"{Path(d) / missing[0]}.*: missing fused image for pair {missing[0]!r} "
+                            f"(folder {d} lacks {len(missing)} of {len(pairs)}: {', '.join(missing[:10])}"
+                            + (" ..." if len(missing) > 10 else "") + ")")
+        extra = sorted(set(by_stem) - {stem for stem, _, _ in pairs})
+        if extra:
+            raise UserError(f"{by_stem[extra[0]]}: no infrared/visible pair named {extra[0]!r} "
+                            f"({len(extra)} unmatched image(s) in {d}: {', '.join(extra[:10])})")
+        methods.append(name)
+        fused_maps.append(by_stem)
+    tasks: list[Task] = []
+    for stem, ir_path, vis_path in pairs:
+        size = _image_size(ir_path)
+        if _image_size(vis_path) != size:
+            raise UserError(f"{vis_path}: size {'x'.join(map(str, _image_size(vis_path)))} differs from "
+                            f"the infrared image {ir_path} ({'x'.join(map(str, size))})")
+        fused = []
+        for method, by_stem in zip(methods, fused_maps):
+            fsize = _image_size(by_stem[stem])
+            if fsize != size:
+                raise UserError(f"{by_stem[stem]}: size {'x'.join(map(str, fsize))} differs from its "
+                                f"source pair {stem!r} ({'x'.join(map(str, size))})")
+            fused.append((method, by_stem[stem]))
+        tasks.append((stem, ir_path, vis_path, fused))
+    return methods, tasks
+
+
+def score_task(task: Task, metric_names: list[str], color: str) -> list[dict]:
+    """Scores one pair's fused images (runs in a worker process). Returns one row per method."""
+    from dmfuse_jax.data.images import read_image
+    from dmfuse_jax.evaluation.metrics import evaluate_images
+
+    stem, ir_path, vis_path, fused = task
+    ir, vis = read_image(ir_path), read_image(vis_path)
+    rows = []
+    for method, path in fused:
+        f = read_image(path)
+        try:
+            scores = evaluate_images(ir, vis, f, metric_names, color=color)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        rows.append({"method": method, "image": stem, **scores})
+    return rows
+
+
+def _score_all(tasks: list[Task], metric_names: list[str], color: str, workers: int) -> list[dict]:
+    if workers <= 1:
+        results = [score_task(t, metric_names, color) for t in tasks]
+    else:
+        # spawn: safe even when the parent has imported JAX (fork after JAX's threads can deadlock).
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(score_task, t, metric_names, color) for t in tasks]
+            results = [f.result() for f in futures]
+    return [row for rows in results for row in rows]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers), user + system."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _default_workers(n_tasks: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, n_tasks))
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmfuse_jax.evaluation import report
+
+    metric_names = _parse_metrics(args.metrics)
+    if args.workers < 0:
+        raise UserError(f"--workers: must be >= 0, got {args.workers}")
+    methods, tasks = build_tasks(args.ir, args.vis, args.fused)
+    workers = args.workers or _default_workers(len(tasks))
+    workers = min(workers, len(tasks))
+    start, cpu0 = time.perf_counter(), _cpu_seconds()
+    rows = _score_all(tasks, metric_names, args.color, workers)
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (order[r["method"]], r["image"]))
+
+    report.write_bytes_atomic(args.csv, report.csv_text(rows, metric_names).encode())
+    summary = report.summarize(rows, metric_names)
+    print(report.text_table(summary, metric_names))
+    print(f"scored {len(tasks)} pair(s) x {len(methods)} method(s) x {len(metric_names)} metric(s) "
+          f"in {elapsed:.1f} s wall, {cpu:.1f} s CPU ({workers} worker(s), colour: {args.color})")
+    print(f"wrote {args.csv}")
+    if args.markdown:
+        report.write_bytes_atomic(args.markdown, report.markdown_table(summary, metric_names).encode())
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        report.radar_plot(summary, metric_names, args.plot)
+        bars = report.bars_path(args.plot)
+        report.bar_plot(summary, metric_names, bars)
+        print(f"wrote {args.plot} and {bars}")
+    sys.stdout.flush()
+    return 0

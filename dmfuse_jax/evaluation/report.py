@@ -1,0 +1,184 @@
+"""Evaluation outputs: per-image CSV, per-method summary (mean, std), markdown table, radar and bar
+plots. Every file is written atomically (temporary file in the same folder, then os.replace)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dmfuse_jax.evaluation.metrics import LOWER_IS_BETTER
+
+# rows: dicts with keys "method", "image" and one float per metric.
+Row = dict
+Summary = dict  # method -> metric -> (mean, std)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def csv_text(rows: list[Row], metrics: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "image", *metrics])
+    for r in rows:
+        w.writerow([r["method"], r["image"], *(repr(float(r[m])) for m in metrics)])
+    return buf.getvalue()
+
+
+def summarize(rows: list[Row], metrics: list[str]) -> Summary:
+    """Per method (in first-seen order), the mean and population std of each metric over its images.
+    Non-finite values (a PSNR of +inf for identical images) are left out of that metric's statistics."""
+    methods: dict[str, list[Row]] = {}
+    for r in rows:
+        methods.setdefault(r["method"], []).append(r)
+    out: Summary = {}
+    for method, rs in methods.items():
+        out[method] = {}
+        for m in metrics:
+            v = np.array([r[m] for r in rs], np.float64)
+            v = v[np.isfinite(v)]
+            out[method][m] = (float(v.mean()), float(v.std())) if v.size else (math.nan, math.nan)
+    return out
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    return f"{x:.1f}" if a >= 1000 else f"{x:.2f}" if a >= 100 else f"{x:.4f}"
+
+
+def markdown_table(summary: Summary, metrics: list[str], *, with_std: bool = True) -> str:
+    """Metrics as rows, methods as columns, cells 'mean ± std'; the best mean per row in bold."""
+    methods = list(summary)
+    lines = ["| metric | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
+    for m in metrics:
+        means = [summary[k][m][0] for k in methods]
+        finite = [v for v in means if math.isfinite(v)]
+        best = (min(finite) if m in LOWER_IS_BETTER else max(finite)) if finite and len(methods) > 1 else None
+        cells = []
+        for k in methods:
+            mean, std = summary[k][m]
+            cell = _fmt(mean) + (f" ± {_fmt(std)}" if with_std else "")
+            cells.append(f"**{cell}**" if best is not None and mean == best else cell)
+        arrow = "↓" if m in LOWER_IS_BETTER else "↑"
+        lines.append(f"| {m} {arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(summary: Summary, metrics: list[str]) -> str:
+    methods = list(summary)
+    width = max(18, *(len(k) + 2 for k in methods))
+    out = [f"{'metric':<10}" + "".join(f"{k:>{width}}" for k in methods)]
+    for m in metrics:
+        cells = "".join(f"{_fmt(summary[k][m][0]) + ' ± ' + _fmt(summary[k][m][1]):>{width}}" for k in methods)
+        out.append(f"{m:<10}" + cells)
+    return "\n".join(out)
+
+
+def normalized_scores(summary: Summary, metrics: list[str]) -> dict[str, np.ndarray]:
+    """Per metric, the methods' means min-max scaled to [0.1, 1] with 1 the best (lower-is-better
+    metrics flipped), as in radar plots of fusion papers; equal means all score 1."""
+    methods = list(summary)
+    table = np.array([[summary[k][m][0] for m in metrics] for k in methods], np.float64)
+    scores = np.ones_like(table)
+    for j, m in enumerate(metrics):
+        col = table[:, j]
+        ok = np.isfinite(col)
+        if not ok.any():
+            continue
+        lo, hi = col[ok].min(), col[ok].max()
+        if hi > lo:
+            t = (col - lo) / (hi - lo)
+            if m in LOWER_IS_BETTER:
+                t = 1.0 - t
+            scores[:, j] = np.where(ok, 0.1 + 0.9 * t, 0.1)
+    return {k: scores[i] for i, k in enumerate(methods)}
+
+
+def _save_figure_atomic(fig, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def radar_plot(summary: Summary, metrics: list[str], path: str | os.PathLike, title: str = "") -> None:
+    """Radar chart of the per-metric normalised scores (outer = better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = normalized_scores(summary, metrics)
+    angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False)
+    closed = np.append(angles, angles[0])
+    fig = plt.figure(figsize=(7.5, 7.5))
+    ax = fig.add_subplot(111, projection="polar")
+    for method, s in scores.items():
+        vals = np.append(s, s[0])
+        ax.plot(closed, vals, linewidth=1.8, label=method)
+        ax.fill(closed, vals, alpha=0.12)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([m + (" ↓" if m in LOWER_IS_BETTER else "") for m in metrics], fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    ax.set_yticklabels([])
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=9)
+    ax.set_title(title or "per-metric normalised means (outer = better; ↓: lower is better, flipped)",
+                 fontsize=10, pad=24)
+    _save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def bar_plot(summary: Summary, metrics: list[str], path: str | os.PathLike) -> None:
+    """One panel per metric: bar per method = mean, error bar = std over images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    ncol = min(5, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 2.6 * nrow), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    x = np.arange(len(methods))
+    for i, m in enumerate(metrics):
+        ax = axes[i // ncol][i % ncol]
+        means = [summary[k][m][0] for k in methods]
+        stds = [summary[k][m][1] for k in methods]
+        ax.bar(x, means, yerr=stds, capsize=3, color=[colors[j % len(colors)] for j in range(len(methods))])
+        ax.set_title(m + (" (lower is better)" if m in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for j in range(len(metrics), nrow * ncol):
+        axes[j // ncol][j % ncol].axis("off")
+    fig.tight_layout()
+    _save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def bars_path(plot_path: str | os.PathLike) -> Path:
+    """`out.png` -> `out_bars.png` (the bar chart written beside the radar plot)."""
+    p = Path(plot_path)
+    return p.with_name(p.stem + "_bars" + (p.suffix or ".png"))

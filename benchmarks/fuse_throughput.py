@@ -1,0 +1,112 @@
+"""Fusion throughput of DMFuse: pairs/s and ms per TNO-sized pair (576x768) for a width, dtype and batch.
+
+  python benchmarks/fuse_throughput.py                                   # 1/4 model, float32, batch 1
+  python benchmarks/fuse_throughput.py --config configs/tiny.py --iters 3
+  python benchmarks/fuse_throughput.py --width 64 --dtype bfloat16 --batch 4   # the 1/2 model
+
+Runs the same compiled function as `dmfuse fuse` (random params of the config's shapes: speed does
+not depend on the values) on the default device and prints: time per batch and per pair, pairs/s,
+FLOPs per pair from XLA's cost analysis of the compiled program, achieved TFLOP/s, the fraction
+of the device's peak (table below by device kind, or --peak-tflops) and the peak device memory
+(`device.memory_stats()`, where the backend reports it). Host I/O (PNG decode/encode) is excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dense peak TFLOP/s by device kind (vendor data sheets, SXM parts, no sparsity). float32 convs and
+# matmuls on these GPUs run on TF32 tensor cores under XLA's default precision, hence the TF32 peak.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float32": 494.7},
+    "H100": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+}
+
+
+def peak_for(kind: str, dtype: str) -> float | None:
+    for key, peaks in PEAK_TFLOPS.items():
+        if key.lower() in kind.lower():
+            return peaks[dtype]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "dmfuse_quarter.py"))
+    p.add_argument("--width", type=int, default=None, help="UNet inner channels (default: the config's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", default="576x768", help="HxW of one pair (default: %(default)s, TNO)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction (default: table)")
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.inference import buckets
+    from dmfuse_jax.inference.fuser import Fuser, random_params
+
+    config = load_config(args.config)
+    if args.width:
+        with config.unlocked():
+            config.model.unet.inner_channels = args.width
+            config.model.unet.norm_groups = min(config.model.unet.norm_groups, args.width)
+    h, w = (int(s) for s in args.size.lower().split("x"))
+    dev = jax.devices()[0]
+    print(f"devices: {', '.join(str(d) for d in jax.devices())}; running on {dev} ({dev.device_kind})")
+    print(f"config {args.config}: UNet width {config.model.unet.inner_channels}, dtype {args.dtype}, "
+          f"batch {args.batch}, pair {h}x{w}")
+    fuser = Fuser(config=config, params=random_params(config), dtype=args.dtype)
+    hb, wb = buckets.bucket_shape(h, w, fuser.bucket)
+    rng = np.random.default_rng(0)
+    ir = rng.random((args.batch, h, w, 1), np.float32)
+    vi = rng.random((args.batch, h, w, 1), np.float32)
+    irs, vis = list(ir), list(vi)
+
+    t = time.perf_counter()
+    fuser.dispatch(irs, vis).result()
+    first = time.perf_counter() - t
+    exe = fuser._executable(args.batch, hb, wb)
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan")))
+    for _ in range(max(0, args.warmup - 1)):
+        fuser.dispatch(irs, vis).result()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        fuser.dispatch(irs, vis).result()  # includes host padding + transfer, as in `dmfuse fuse`
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    per_pair = med / args.batch
+    tflops = flops / med / 1e12
+    peak = args.peak_tflops or peak_for(dev.device_kind, args.dtype)
+    print(f"compile + first batch: {first:.2f} s (compile {fuser.stats['compile_s']:.2f} s); "
+          f"bucket {hb}x{wb}; {args.iters} timed batches, median {med * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+    print(f"per pair: {per_pair * 1e3:.1f} ms; throughput {args.batch / med:.3f} pairs/s")
+    print(f"FLOPs per pair (XLA cost analysis): {flops / args.batch / 1e9:.1f} GFLOP; "
+          f"achieved {tflops:.3f} TFLOP/s" + (f" = {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s peak"
+                                             if peak else " (no peak known for this device: --peak-tflops)"))
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    else:
+        print("peak device memory: not reported by this backend")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""What `--checkpoint` may name, and loading each kind into (config, float32 numpy params).
+
+Kinds, detected in this order:
+  torch pair      "UNET.pth,HEAD.pth" (needs `config`): SR3 UNet + DMFuse head PyTorch state_dicts,
+                  converted on the fly (`dmfuse convert-torch` makes a bundle of them once)
+  bundle          a folder with `dmfuse_bundle.json` (`dmfuse export`, `dmfuse convert-torch`)
+  training workdir  a folder with `config.json` and `checkpoints/` (`dmfuse train`); a fusion-stage
+                  run gives the whole model; a pretraining run has no fusion head: an error
+None means the bundled default model, `dmfuse_jax/assets/default_bundle/`.
+A `config` given beside a bundle or workdir must fit its params (else: "a checkpoint of another
+config") and then replaces its config (e.g. to change the compute dtype or kernels).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmfuse_jax.errors import UserError
+from dmfuse_jax.inference import bundle as bundle_lib
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "default_bundle"
+
+
+@dataclass
+class Checkpoint:
+    config: Any
+    params: Any
+    kind: str
+    source: str
+    notes: list = field(default_factory=list)
+
+
+def _as_config(config):
+    if config is None or not isinstance(config, (str, os.PathLike)):
+        return config
+    from dmfuse_jax.config_lib import load_config
+    return load_config(str(config))
+
+
+def _float32(tree):
+    import jax
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
+
+
+def is_torch_pair(spec: str) -> bool:
+    return "," in spec or spec.endswith((".pth", ".pt"))
+
+
+def load_torch_pair(unet_path: str, head_path: str, config, notes: list | None = None) -> dict:
+    """Converts an SR3 UNet .pth and a DMFuse head .pth to the params of `config`'s model."""
+    from dmfuse_jax.conversion import (ConversionError, convert_fusion_head, convert_unet,
+                                       load_torch_state_dict)
+    from dmfuse_jax.inference.fuser import param_shapes
+
+    shapes = param_shapes(config)
+    params = {}
+    for name, path, convert in (("unet", unet_path, convert_unet), ("head", head_path, convert_fusion_head)):
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: no such file ({'SR3 UNet' if name == 'unet' else 'fusion head'} .pth)")
+        try:
+            sd = load_torch_state_dict(str(p))
+        except ConversionError as e:
+            raise UserError(str(e)) from None
+        except ImportError as e:
+            raise UserError(f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+            raise UserError(f"{path}: not a readable PyTorch state_dict: {type(e).__name__}: {str(e)[:200]}") from None
+        report: list[str] = []
+        try:
+            if name == "head":
+                params[name] = convert(sd, shapes[name], report=report)
+            else:
+                params[name] = convert(sd, shapes[name])
+        except ConversionError as e:
+            u = config.model.unet
+            raise UserError(f"{path}: does not fit the config (UNet width {u.inner_channels}): {e}") from None
+        if report and notes is not None:
+            notes.append(f"{path}: skipped {len(report)} keys unused by the forward pass "
+                         f"({', '.join(sorted({k.split('.')[0] for k in report}))})")
+    return _float32(params)
+
+
+def _load_workdir(path: Path, ema: bool | None, notes: list):
+    try:
+        from dmfuse_jax.training import checkpoint as ck
+    except ImportError as e:
+        raise UserError(f"{path}: looks like a training workdir, but reading it needs "
+                        f"dmfuse_jax.training.checkpoint ({e})") from None
+    config = ck.load_workdir_config(path)
+    if ema is None:  # EMA params when the run kept them, else the raw ones
+        try:
+            params = ck.load_params(path, ema=True)
+            notes.append(f"{path}: EMA params")
+        except (KeyError, LookupError, FileNotFoundError, ValueError, UserError):
+            params = ck.load_params(path, ema=False)
+            notes.append(f"{path}: raw params (no EMA params in the checkpoint)")
+    else:
+        try:
+            params = ck.load_params(path, ema=ema)
+        except KeyError as e:
+            raise UserError(f"{path}: the checkpoint has no {'EMA' if ema else 'raw'} params ({e})") from None
+    if not (isinstance(params, dict) and "unet" in params and "head" in params):
+        stage = config.get("stage", "?")
+        raise UserError(f"{path}: a '{stage}'-stage workdir holds a diffusion UNet but no fusion head, so it "
+                        "cannot fuse; train the fusion stage on top of it (dmfuse train --config "
+                        "configs/quickstart_fusion.py ...) and pass that workdir, or give "
+                        "--checkpoint UNET.pth,HEAD.pth --config CFG")
+    return config, params
+
+
+def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = None) -> Checkpoint:
+    """A checkpoint spec -> Checkpoint(config, float32 numpy params, kind, source, notes)."""
+    from dmfuse_jax.inference.fuser import check_params_fit
+
+    config = _as_config(config)
+    notes: list[str] = []
+    if spec is None:
+        if not bundle_lib.is_bundle(DEFAULT_BUNDLE):
+            raise UserError(f"no --checkpoint given and no default model is bundled ({DEFAULT_BUNDLE} is missing): "
+                            "pass --checkpoint WORKDIR|BUNDLE|UNET.pth,HEAD.pth, or use --method average "
+                            "for a model-free baseline")
+        spec = DEFAULT_BUNDLE
+    spec = str(spec)
+    if is_torch_pair(spec):
+        parts = [s for s in spec.split(",") if s]
+        if len(parts) != 2:
+            raise UserError(f"{spec}: a PyTorch checkpoint is given as UNET.pth,HEAD.pth (two files)")
+        if config is None:
+            raise UserError(f"{spec}: PyTorch weights carry no config: pass --config (e.g. configs/dmfuse_quarter.py)")
+        params = load_torch_pair(parts[0], parts[1], config, notes)
+        return Checkpoint(config, params, "torch", spec, notes)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint (file or folder)")
+    if bundle_lib.is_bundle(path):
+        own, params, meta = bundle_lib.load_bundle(path)
+        kind = "bundle"
+        notes.append(f"{path}: bundle, params stored as {meta.get('param_dtype')}")
+    elif path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        own, params = _load_workdir(path, ema, notes)
+        params = _float32(params)
+        kind = "workdir"
+    else:
+        raise UserError(f"{path}: not a checkpoint: expected an inference bundle (folder with "
+                        f"{bundle_lib.MARKER}), a training workdir (folder with config.json and checkpoints/) "
+                        "or UNET.pth,HEAD.pth")
+    check_params_fit(own, params, str(path), "its own config")
+    if config is not None:
+        check_params_fit(config, params, str(path), "the given --config")
+        own = config
+    return Checkpoint(own, params, kind, str(path), notes)

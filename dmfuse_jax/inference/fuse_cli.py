@@ -1,0 +1,193 @@
+"""`dmfuse fuse`: fuse infrared/visible (or medical) image pairs from files or folders.
+
+  dmfuse fuse --ir samples/ir --vis samples/vi --out outputs/fused            # bundled default model
+  dmfuse fuse --checkpoint runs/fusion --ir a_ir.png --vis a_vis.png --out a.png
+  dmfuse fuse --method laplacian_pyramid --ir IR_DIR --vis VIS_DIR --out OUT   # no model
+
+Folders are paired by file name (stem; the extension may differ). Every input is checked (readable
+image, matching sizes) before anything is fused; outputs are 8-bit PNGs of the input size, each
+written to a temporary name and renamed. Errors name the file and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from dmfuse_jax.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dmfuse_jax.inference.buckets import DEFAULT_MULTIPLE
+    from dmfuse_jax.inference.colour import MODES
+
+    p.add_argument("--ir", required=True, help="infrared image, or folder of them (medical: the grey MRI/CT)")
+    p.add_argument("--vis", required=True, help="visible image, or folder of them (medical: PET/SPECT/CT)")
+    p.add_argument("--out", required=True, help="output .png (for one pair) or folder (written as <name>.png)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None,
+                     help="training workdir, inference bundle, or UNET.pth,HEAD.pth (default: the bundled "
+                          "model in dmfuse_jax/assets/default_bundle)")
+    src.add_argument("--method", default=None,
+                     help="a classical baseline instead of the model: average, max, laplacian_pyramid")
+    p.add_argument("--config", default=None,
+                   help="config file: required with UNET.pth,HEAD.pth; with a workdir/bundle it must fit its params")
+    p.add_argument("--mode", choices=list(MODES), default="auto",
+                   help="; ".join(f"{k}: {v[1]}" for k, v in MODES.items()) + " (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs of one shape bucket fused together (default: %(default)s)")
+    p.add_argument("--bucket", type=int, default=DEFAULT_MULTIPLE,
+                   help="pad H and W up to multiples of this (a multiple of 16); one compile per bucket (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default: %(default)s)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize the infrared image to the visible size when they differ (default: error)")
+    p.add_argument("--sixteen-bit", choices=("minmax", "full"), default="minmax",
+                   help="16-bit inputs: 'minmax' stretches each image's min..max to 0..1, 'full' divides by 65535")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the config's)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="workdir: use the EMA params")
+    ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: use the raw params")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    """(H, W) from the image header, so bad files fail before any work; errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected an image file")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+    return h, w
+
+
+def collect_pairs(ir: str, vis: str, out: str) -> list[tuple[str, Path, Path, Path]]:
+    """-> [(name, ir_path, vis_path, out_path)] from two files or two folders."""
+    from dmfuse_jax.data.images import is_image_file, match_pairs
+
+    ir_p, vis_p, out_p = Path(ir), Path(vis), Path(out)
+    for p, what in ((ir_p, "--ir"), (vis_p, "--vis")):
+        if not p.exists():
+            raise UserError(f"{p}: no such file or folder ({what})")
+    if ir_p.is_dir() != vis_p.is_dir():
+        raise UserError(f"--ir {ir_p} and --vis {vis_p}: give two files or two folders")
+    if ir_p.is_dir():
+        if out_p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") or out_p.is_file():
+            raise UserError(f"{out_p}: --out must be a folder when --ir and --vis are folders")
+        if out_p.resolve() in (ir_p.resolve(), vis_p.resolve()):
+            raise UserError(f"{out_p}: --out must not be an input folder (it would overwrite the inputs)")
+        pairs = match_pairs(ir_p, vis_p)
+        return [(stem, a, b, out_p / f"{stem}.png") for stem, a, b in pairs]
+    for p in (ir_p, vis_p):
+        if not is_image_file(p):
+            raise UserError(f"{p}: not an image file name (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff)")
+    if out_p.is_dir() or str(out).endswith(os.sep) or not out_p.suffix:
+        out_p = out_p / f"{vis_p.stem}.png"
+    elif out_p.suffix.lower() != ".png":
+        raise UserError(f"{out_p}: the output is an 8-bit PNG: give a .png name or a folder")
+    if out_p.resolve() in (ir_p.resolve(), vis_p.resolve()):
+        raise UserError(f"{out_p}: --out must not be an input file")
+    return [(vis_p.stem, ir_p, vis_p, out_p)]
+
+
+def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
+    """Reads every header; -> the output size (H, W) of each pair (the visible image's)."""
+    sizes = []
+    for _, a, b, _ in pairs:
+        ha, wa = _probe(a)
+        hb, wb = _probe(b)
+        if (ha, wa) != (hb, wb) and not resize:
+            raise UserError(f"{a}: size {wa}x{ha} differs from {b} ({wb}x{hb}); register the pair or pass "
+                            "--resize to resize the infrared image to the visible size")
+        sizes.append((hb, wb))
+    return sizes
+
+
+def run(args) -> int:
+    from dmfuse_jax.data.images import read_image, write_image_atomic
+    from dmfuse_jax.inference import buckets, colour
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    pairs = collect_pairs(args.ir, args.vis, args.out)
+    sizes = check_pairs(pairs, args.resize)
+
+    t_load = time.perf_counter()
+    if args.method is not None:
+        from dmfuse_jax.inference.fuser import MethodFuser
+        fuser = MethodFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, method=args.method)
+        what = f"method {args.method}"
+    else:
+        from dmfuse_jax.inference.checkpoints import resolve
+        from dmfuse_jax.inference.fuser import Fuser
+
+        ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
+        try:
+            fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed, bucket=args.bucket,
+                          dtype=args.dtype, mode=args.mode, sixteen_bit=args.sixteen_bit, source=ck.source)
+        except ValueError as e:  # e.g. a bucket that is not a multiple of the stride
+            raise UserError(f"--bucket {args.bucket}: {e}") from None
+        for note in ck.notes:
+            print(note)
+        what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed})"
+    t_load = time.perf_counter() - t_load
+
+    plan = buckets.plan_batches(sizes, fuser.bucket_multiple(), args.batch_size)
+    n_buckets = len({shape for shape, _ in plan})
+
+    def load(idx):
+        prepared = []
+        for i in idx:
+            _, a, b, _ = pairs[i]
+            first = read_image(a, sixteen_bit=args.sixteen_bit)
+            second = read_image(b, sixteen_bit=args.sixteen_bit)
+            first = colour.match_sizes(first, second, resize=args.resize, ir_name=str(a), vis_name=str(b))
+            prepared.append(colour.prepare_pair(first, second, args.mode))
+        return prepared
+
+    def write(idx, prepared, pending):
+        for i, pair, fused in zip(idx, prepared, pending.result()):
+            write_image_atomic(pairs[i][3], colour.finish(fused, pair))
+        bar.update(len(idx))
+
+    from tqdm import tqdm
+
+    print(f"fusing {len(pairs)} pair(s) with {what}: {n_buckets} shape bucket(s), batch size {args.batch_size}")
+    bar = tqdm(total=len(pairs), unit="pair", disable=args.no_progress or None, file=sys.stderr)
+    t0 = time.perf_counter()
+    done = 0
+    in_flight = None
+    try:
+        for (b, _, _), idx in plan:
+            prepared = load(idx)  # host reads overlap the device work of the batch in flight
+            pending = fuser.dispatch([p.ir for p in prepared], [p.vi for p in prepared], batch=b)
+            if in_flight is not None:
+                write(*in_flight)
+                done += len(in_flight[0])
+            in_flight = (idx, prepared, pending)
+        if in_flight is not None:
+            write(*in_flight)
+            done += len(in_flight[0])
+    except UserError as e:
+        raise UserError(f"{e}\n({done} of {len(pairs)} pairs were written before this error)") from None
+    finally:
+        bar.close()
+    total = time.perf_counter() - t0
+    compile_s = fuser.stats["compile_s"]
+    run_s = max(total - compile_s, 1e-9)
+    compiled = len(fuser.stats["compiled"])
+    out_where = pairs[0][3].parent if len(pairs) > 1 else pairs[0][3]
+    compiling = (f"{compiled} compilation(s) took {compile_s:.2f} s, fusing {run_s:.2f} s = "
+                 f"{len(pairs) / run_s:.2f} pairs/s ({1e3 * run_s / len(pairs):.1f} ms/pair); "
+                 f"model load {t_load:.2f} s") if args.method is None else \
+        f"{1e3 * total / len(pairs):.1f} ms/pair"
+    print(f"fused {len(pairs)} pair(s) in {total:.2f} s ({len(pairs) / total:.2f} pairs/s); {compiling} -> {out_where}")
+    return 0

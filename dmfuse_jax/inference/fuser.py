@@ -1,0 +1,316 @@
+"""The Python API: `load(checkpoint) -> Fuser`; `fuser(ir, vis) -> fused` on numpy arrays.
+
+    import dmfuse_jax
+    fuser = dmfuse_jax.load("runs/fusion")           # workdir, bundle or "UNET.pth,HEAD.pth"
+    fused = fuser(ir, vis)                            # uint8 / uint16 / float [0, 1]; grey or RGB
+
+A `Fuser` runs the model on luminance only (colour goes through `colour.py`). Images are padded to
+a shape bucket (`buckets.py`) and stacked into batches; every (batch, height, width) bucket is
+compiled once, ahead of time, and the executable is cached for the process (shared by all Fusers of
+the same config). The diffusion noise comes from `seed`: every image of a call uses the key
+`PRNGKey(seed)` (the noise then depends only on the seed and the bucket shape, not on the batch it
+was fused in), so the same input and seed give the same output.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dmfuse_jax.errors import UserError
+from dmfuse_jax.inference import buckets, colour
+from dmfuse_jax.inference.colour import FuseInputError  # noqa: F401 - part of the API (bad arrays)
+
+# Incremented each time the fuse function is traced (a Python side effect runs only while tracing):
+# tests use it to prove that a folder of mixed sizes compiles once per bucket, not once per image.
+TRACE_COUNT = [0]
+
+
+def config_key(config, dtype: str | None = None) -> str:
+    """The parts of a config that decide the model (and so a compiled function), as canonical JSON."""
+    model = json.loads(config.model.to_json_best_effort())
+    if dtype:
+        model["dtype"] = dtype
+    return json.dumps({"model": model, "diffusion": json.loads(config.diffusion.to_json_best_effort())},
+                      sort_keys=True)
+
+
+def _config_from_key(key: str):
+    from dmfuse_jax.inference.bundle import config_from_json
+    return config_from_json(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _model(key: str):
+    from dmfuse_jax.models import build_dmfuse
+    config = _config_from_key(key)
+    return build_dmfuse(config, config.model.get("dtype", "float32")), config
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(key: str):
+    import jax
+    import jax.numpy as jnp
+
+    model, _ = _model(key)
+    s = 2 * model.unet.total_stride
+    x = jnp.zeros((1, s, s, 1), jnp.float32)
+    rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)}
+    return jax.eval_shape(lambda: model.init(rngs, x, x, method=model.init_all))["params"]
+
+
+def param_shapes(config) -> Any:
+    """The param tree of `config`'s model as ShapeDtypeStructs (traced, never computed)."""
+    return _param_shapes(config_key(config))
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Random float32 numpy params for `config` without running flax init (fast on CPU):
+    kernels LeCun-normal (fan-in = all axes but the last), biases 0, norm scales 1, CAIM gamma 0.1
+    (non-zero so the attention path matters). For tests, demos and benchmarks."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(param_shapes(config))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, s in sorted(flat.items()):
+        name = path[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(s.shape[:-1])) or 1
+            out[path] = rng.normal(0.0, 1.0 / np.sqrt(fan_in), s.shape).astype(np.float32)
+        elif name == "scale":
+            out[path] = np.ones(s.shape, np.float32)
+        elif name == "gamma":
+            out[path] = np.full(s.shape, 0.1, np.float32)
+        elif name == "bias":
+            out[path] = np.zeros(s.shape, np.float32)
+        else:
+            out[path] = rng.normal(0.0, 0.02, s.shape).astype(np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def check_params_fit(config, params, source: str, config_name: str = "the config") -> None:
+    """Errors (naming `source`) unless `params` has exactly the shapes `config`'s model needs."""
+    from flax import traverse_util
+
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(param_shapes(config)).items()}
+    try:
+        have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
+    except Exception:  # noqa: BLE001 - not a nested dict of arrays
+        raise UserError(f"{source}: params are not a tree of arrays") from None
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    misshaped = [f"{k}: {have[k]} (config needs {want[k]})" for k in sorted(set(want) & set(have))
+                 if have[k] != want[k]]
+    if missing or unexpected or misshaped:
+        u = config.model.unet
+        lines = [f"{source}: checkpoint does not fit {config_name} (UNet width {u.inner_channels}, "
+                 f"mults {tuple(u.channel_mults)}, {u.res_blocks} res blocks): a checkpoint of another config?"]
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                lines.append(f"  {what} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+        raise UserError("\n".join(lines))
+
+
+def _portable(config):
+    """The config with the XLA attention paths (no Pallas/cuDNN kernels): for the exported artefact."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.head.caim_impl = "reference"
+        config.model.unet.attention_impl = "xla"
+    return config
+
+
+def fuse_function(model, input_range: str) -> Callable:
+    """fn(params, ir, vi, seed) -> fused: ir, vi (B, H, W, 1) float32 in [0, 1], H and W multiples
+    of the UNet stride; seed int32 scalar. Returns (B, H, W, 1) float32 in [0, 1].
+
+    Each image runs as its own batch-1 model call under vmap with the same key, so its noise (and
+    result) does not depend on which other images share the batch.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dmfuse_jax.models.dmfuse import from_model_range, to_model_range
+
+    def one(params, ir, vi, key):
+        y = model.apply({"params": params}, to_model_range(ir[None], input_range),
+                        to_model_range(vi[None], input_range), rngs={"noise": key})
+        return from_model_range(y[0].astype(jnp.float32), input_range)
+
+    def fuse(params, ir, vi, seed):
+        TRACE_COUNT[0] += 1
+        key = jax.random.PRNGKey(seed)
+        return jax.vmap(one, in_axes=(None, 0, 0, None))(params, ir, vi, key)
+    return fuse
+
+
+# (config key, batch, height, width) -> compiled executable, for the whole process.
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(key: str):
+    import jax
+    model, config = _model(key)
+    return jax.jit(fuse_function(model, config.model.input_range))
+
+
+@dataclass
+class Pending:
+    """A dispatched batch: `result()` blocks and returns the cropped fused luminance images."""
+
+    _out: Any
+    _sizes: list
+    _host: list | None = None
+
+    def result(self) -> list[np.ndarray]:
+        if self._host is None:
+            arr = np.asarray(self._out)
+            self._host = [arr[i, :h, :w] for i, (h, w) in enumerate(self._sizes)]
+        return self._host
+
+
+@dataclass
+class PairFusion:
+    """The shared front: array checks, size matching, colour routing. Subclasses fuse luminance.
+
+    `__call__(ir, vis)` fuses one pair: numpy (H, W), (H, W, 1), (H, W, 3) or RGBA, uint8, uint16
+    (see `sixteen_bit`) or float in [0, 1]. Returns float32 in [0, 1]: (H, W) when both inputs are
+    grey, (H, W, 3) when one is colour (its chroma is kept, see `mode`).
+    """
+
+    mode: str = "auto"
+    sixteen_bit: str = "minmax"
+    # compile seconds and compiled (batch, height, width) shapes of this instance
+    stats: dict = field(default_factory=lambda: {"compile_s": 0.0, "compiled": []}, init=False, repr=False)
+
+    def dispatch(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch: int | None = None) -> Pending:
+        raise NotImplementedError
+
+    def bucket_multiple(self) -> int:
+        """Images are grouped (and padded) to multiples of this; 1 = exact sizes."""
+        return 1
+
+    def fuse_luma(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Luminance pairs (H_i, W_i, 1) in [0, 1] -> fused (H_i, W_i, 1), batched by bucket."""
+        plan = buckets.plan_batches([x.shape[:2] for x in irs], self.bucket_multiple(), batch_size)
+        out: list = [None] * len(irs)
+        for (b, _, _), idx in plan:
+            res = self.dispatch([irs[i] for i in idx], [vis[i] for i in idx], batch=b).result()
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    def __call__(self, ir, vis, *, mode: str | None = None, resize: bool = False) -> np.ndarray:
+        a = colour.normalise_array(ir, "ir", sixteen_bit=self.sixteen_bit)
+        b = colour.normalise_array(vis, "vis", sixteen_bit=self.sixteen_bit)
+        a = colour.match_sizes(a, b, resize=resize, ir_name="ir", vis_name="vis")
+        pair = colour.prepare_pair(a, b, mode or self.mode)
+        [fused] = self.fuse_luma([pair.ir], [pair.vi])
+        return colour.finish(fused, pair)
+
+
+@dataclass
+class Fuser(PairFusion):
+    """DMFuse with given params. Build with `load(checkpoint)` or `Fuser(config, params)`.
+
+    config: the model config; params: {'unet', 'head'} numpy tree; seed: diffusion noise seed;
+    bucket: shape-bucket multiple (see `buckets.py`); dtype: compute dtype override ('float32',
+    'bfloat16'); source: where the params came from (for messages).
+    """
+
+    config: Any = None
+    params: Any = None
+    seed: int = 0
+    bucket: int = buckets.DEFAULT_MULTIPLE
+    dtype: str | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        import jax
+
+        if self.config is None or self.params is None:
+            raise TypeError("Fuser needs a config and params (or use dmfuse_jax.load(checkpoint))")
+        check_params_fit(self.config, self.params, self.source or "params")
+        self._key = config_key(self.config, self.dtype)
+        model, _ = _model(self._key)
+        self.stride = model.unet.total_stride
+        buckets.check_multiple(self.bucket, self.stride)
+        self._device_params = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params))
+
+    def bucket_multiple(self) -> int:
+        return self.bucket
+
+    def _executable(self, b: int, hb: int, wb: int):
+        import jax
+        import jax.numpy as jnp
+
+        key = (self._key, b, hb, wb)
+        exe = _EXECUTABLES.get(key)
+        if exe is None:
+            t = time.perf_counter()
+            img = jax.ShapeDtypeStruct((b, hb, wb, 1), jnp.float32)
+            exe = _jitted(self._key).lower(self._device_params, img, img,
+                                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            _EXECUTABLES[key] = exe
+            self.stats["compile_s"] += time.perf_counter() - t
+            self.stats["compiled"].append((b, hb, wb))
+        return exe
+
+    def dispatch(self, irs, vis, batch=None) -> Pending:
+        """Starts fusing luminance images of ONE bucket (asynchronously); pads the batch to `batch`."""
+        sizes = [x.shape[:2] for x in irs]
+        shapes = {buckets.bucket_shape(h, w, self.bucket) for h, w in sizes}
+        if len(shapes) != 1:
+            raise ValueError(f"dispatch takes images of one bucket, got buckets {sorted(shapes)}")
+        (hb, wb), = shapes
+        b = max(batch or len(irs), len(irs))
+        ir = np.stack([buckets.pad_to(x, (hb, wb)) for x in irs])
+        vi = np.stack([buckets.pad_to(x, (hb, wb)) for x in vis])
+        if b > len(irs):  # a short last batch reuses the bucket's executable: repeat the last image
+            rep = b - len(irs)
+            ir = np.concatenate([ir, np.repeat(ir[-1:], rep, 0)])
+            vi = np.concatenate([vi, np.repeat(vi[-1:], rep, 0)])
+        exe = self._executable(b, hb, wb)
+        out = exe(self._device_params, ir, vi, np.int32(self.seed))
+        return Pending(out, sizes)
+
+
+@dataclass
+class MethodFuser(PairFusion):
+    """A classical baseline (`dmfuse_jax.evaluation.baselines.BASELINES`) behind the same API."""
+
+    method: str = "average"
+
+    def __post_init__(self):
+        try:
+            from dmfuse_jax.evaluation.baselines import BASELINES
+        except ImportError as e:
+            raise UserError(f"--method {self.method}: the baselines module is not available ({e})") from None
+        if self.method not in BASELINES:
+            raise UserError(f"--method {self.method}: unknown method (choose from {', '.join(BASELINES)})")
+        self._fn = BASELINES[self.method]
+        self.source = f"method {self.method}"
+
+    def dispatch(self, irs, vis, batch=None) -> Pending:
+        outs = [np.clip(np.asarray(self._fn(a[..., 0], b[..., 0]), np.float32), 0, 1)[..., None]
+                for a, b in zip(irs, vis)]
+        return Pending(None, [o.shape[:2] for o in outs], outs)
+
+
+def load(checkpoint: str | None = None, *, config=None, ema: bool | None = None, seed: int = 0,
+         bucket: int = buckets.DEFAULT_MULTIPLE, dtype: str | None = None, mode: str = "auto",
+         sixteen_bit: str = "minmax") -> Fuser:
+    """A `Fuser` from a checkpoint: a training workdir, an inference bundle, or "UNET.pth,HEAD.pth"
+    (then `config`, a config file or ConfigDict, is required). None: the bundled default model.
+    See `checkpoints.resolve` for the details; `ema`: None = EMA params when the workdir has them."""
+    from dmfuse_jax.inference.checkpoints import resolve
+
+    ck = resolve(checkpoint, config=config, ema=ema)
+    return Fuser(config=ck.config, params=ck.params, seed=seed, bucket=bucket, dtype=dtype, mode=mode,
+                 sixteen_bit=sixteen_bit, source=ck.source)

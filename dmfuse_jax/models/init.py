@@ -42,8 +42,13 @@ def init_params(module, seed: int, *args, method=None, **kwargs) -> Any:
     key = jax.random.PRNGKey(0)
     shapes = jax.eval_shape(
         lambda: module.init({"params": key, "noise": key, "dropout": key}, *args, method=method, **kwargs))["params"]
+    return params_from_shapes(shapes, seed)
+
+
+def params_from_shapes(shapes: Any, seed: int) -> Any:
+    """A tree of ShapeDtypeStructs (e.g. from `jax.eval_shape`) -> numpy params, deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda s: s, shapes))
+    flat = traverse_util.flatten_dict(shapes)
     values = {path: _leaf_value(path, tuple(s.shape), s.dtype, rng) for path, s in sorted(flat.items())}
     return traverse_util.unflatten_dict(values)
 

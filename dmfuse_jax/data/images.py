@@ -156,3 +156,18 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     g = y - 0.714 * cr - 0.344 * cb
     b = y + 1.773 * cb
     return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes a text file atomically (temporary file in the same folder, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

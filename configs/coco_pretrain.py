@@ -1,0 +1,23 @@
+"""Stage 1 at the paper's size: DDPM pretraining of the 1/4-width SR3 UNet (inner channels 32,
+24.47 M params, 3 channels) on MS-COCO train2017, 256x256 random crops, cosine schedule (2000 steps).
+
+Data: COCO's `train2017/` folder (JPEGs, found recursively; the file list is cached in the workdir),
+by default at ../shared/data/coco/train2017 (or pass --config.data.root=/path/to/train2017), or
+--config.data.source=tfds for `tfds.data_source('coco/2017')` (pip install 'dmfuse-jax[tfds]').
+
+  dmfuse train --config configs/coco_pretrain.py --workdir workdirs/coco_pretrain
+
+Optimiser settings (Adam 1e-4, 5k warmup, clip 1, EMA 0.9999, global batch 64, 500k steps) are the
+SR3 code base's, not the DMFuse paper's (which does not state them). On several hosts see launch/.
+"""
+from dmfuse_jax.training import defaults
+
+
+def get_config():
+    config = defaults.pretrain_config(width=32, batch_size=64, total_steps=500_000,
+                                      checkpoint_every_steps=5000,
+                                      root="../shared/data/coco/train2017")
+    config.name = "coco_pretrain"
+    config.data.color = "rgb"
+    config.data.worker_count = 8
+    return config

@@ -1,0 +1,27 @@
+"""Quickstart, step 1 of 2: pretrain a tiny diffusion UNet (width 8, grey, 32x32 crops) on the
+RoadScene images in ../shared/data/roadscene (infrared and visible, found recursively), on CPU.
+
+  dmfuse train --config configs/quickstart_pretrain.py --workdir workdirs/quickstart_pretrain
+
+then step 2: configs/quickstart_fusion.py. Samples are written to workdirs/quickstart_pretrain/samples/.
+"""
+from dmfuse_jax.training import defaults
+
+
+def get_config():
+    config = defaults.pretrain_config(width=8, batch_size=8, total_steps=300, checkpoint_every_steps=100,
+                                      root="../shared/data/roadscene", norm_groups=8, image_size=32,
+                                      in_channels=1, out_channels=1, channel_mults=(1, 2, 4, 4),
+                                      dropout=0.0)
+    config.name = "quickstart_pretrain"
+    config.diffusion.num_timesteps = 1000
+    config.data.color = "grey"
+    config.data.num_threads = 2
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 20
+    config.optimizer.ema_decay = 0.99
+    config.log_every_steps = 20
+    config.preview_every_steps = 300
+    config.preview.num_samples = 8
+    config.preview.sample_steps = 20
+    return config

@@ -1,0 +1,20 @@
+"""Stage 2 at the paper's settings: the fusion head on the frozen 1/4-width UNet, trained on TNO pairs
+cut into 256x256 patches with a sliding step of 12, grey values in [-1, 1], batch 4, 16 epochs,
+Adam (learning rate 1e-5, the released code's; the paper gives none), the paper's fusion loss
+(weights 1, 4, 20). Two pairs (the last names) are held out for previews.
+
+  dmfuse train --config configs/tno_fusion.py --workdir workdirs/tno_fusion \
+      --config.init.unet_workdir=workdirs/coco_pretrain
+
+The frozen UNet comes from a stage-1 workdir (EMA weights; --config.init.unet_ema=False for the raw
+ones) or from a PyTorch SR3 state_dict: --config.init.unet_torch=path/to/unet.pth. The head can start
+from the released weights: --config.init.head_torch=../shared/weights/dmfuse_fusion_head.pth.
+"""
+from dmfuse_jax.training import defaults
+
+
+def get_config():
+    config = defaults.fusion_config(width=32, batch_size=4, num_epochs=16, checkpoint_every_steps=2000,
+                                    ir_dir="../shared/data/tno/ir", vi_dir="../shared/data/tno/vi")
+    config.name = "tno_fusion"
+    return config

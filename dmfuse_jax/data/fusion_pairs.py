@@ -1,0 +1,145 @@
+"""Stage-2 (fusion) data: paired infrared/visible folders cut into patches by a sliding window.
+
+As the paper: 256x256 patches with a step of 12, the same window for both modalities, grey values
+(a colour visible image contributes its BT.601 luma), scaled to the model range ([-1, 1] by default).
+The patch index is built deterministically from the sorted pair list.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from dmfuse_jax.data.images import match_pairs, read_image
+from dmfuse_jax.errors import UserError
+
+LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    """(H, W, 1 | 3) in [0, 1] -> (H, W, 1)."""
+    return img if img.shape[-1] == 1 else (img @ LUMA)[..., None]
+
+
+def scale_to_range(x01: np.ndarray, input_range: str) -> np.ndarray:
+    """[0, 1] -> the model range ('-1_1' or '0_1'), float32 (numpy twin of models.to_model_range)."""
+    if input_range == "-1_1":
+        return (x01 * 2.0 - 1.0).astype(np.float32)
+    if input_range == "0_1":
+        return x01.astype(np.float32)
+    raise UserError(f"unknown model.input_range {input_range!r} (expected '-1_1' or '0_1')")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise UserError(f"{path}: not a readable image: {e}") from None
+
+
+def split_pairs(ir_dir, vi_dir, num_holdout: int = 0, max_pairs: int = 0):
+    """Matched (name, ir, vi) pairs, split into (train, held-out). The held-out pairs are the last
+    `num_holdout` names in sorted order (never trained on); `max_pairs` > 0 keeps the first ones."""
+    pairs = match_pairs(ir_dir, vi_dir)
+    if num_holdout >= len(pairs):
+        raise UserError(f"{ir_dir}: {len(pairs)} pairs, cannot hold out {num_holdout} and train on the rest")
+    train, held = (pairs[:-num_holdout], pairs[-num_holdout:]) if num_holdout > 0 else (pairs, [])
+    if max_pairs > 0:
+        train = train[:max_pairs]
+    return train, held
+
+
+def check_sizes(pairs) -> list[tuple[int, int]]:
+    """(height, width) per pair; any pair whose two images differ in size is an error listing all."""
+    sizes, bad = [], []
+    for name, a, b in pairs:
+        sa, sb = image_size(a), image_size(b)
+        if sa != sb:
+            bad.append(f"  {name}: infrared {a} is {sa[0]}x{sa[1]}, visible {b} is {sb[0]}x{sb[1]}")
+        sizes.append((sa[1], sa[0]))
+    if bad:
+        raise UserError("infrared/visible size mismatch in " + str(len(bad)) + " pair(s):\n" + "\n".join(bad))
+    return sizes
+
+
+def patch_index(sizes: list[tuple[int, int]], patch: int, step: int) -> np.ndarray:
+    """Sliding-window patch origins: (N, 3) int64 rows (pair, y, x), pair-major, then y, then x."""
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        ys = np.arange(0, h - patch + 1, step)
+        xs = np.arange(0, w - patch + 1, step)
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        rows.append(np.stack([np.full(yy.size, i), yy.ravel(), xx.ravel()], axis=1))
+    return np.concatenate(rows, axis=0).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
+
+
+class PairedPatchSource:
+    """Random access over all sliding-window patches of paired images.
+
+    `source[i]` -> {'ir': (patch, patch, 1), 'vi': (patch, patch, 1)} float32 in the model range.
+    Decoded pairs are cached in memory (decoded once per process).
+    """
+
+    def __init__(self, pairs, *, patch: int = 256, step: int = 12, input_range: str = "-1_1"):
+        if not pairs:
+            raise UserError("no training pairs (check data.ir_dir / data.vi_dir and data.max_pairs)")
+        self.pairs = list(pairs)
+        self.patch, self.step, self.input_range = patch, step, input_range
+        sizes = check_sizes(self.pairs)
+        small = [f"  {n}: {w}x{h}" for (n, _, _), (h, w) in zip(self.pairs, sizes) if h < patch or w < patch]
+        if small:
+            raise UserError(f"pairs smaller than the {patch}x{patch} patch (lower data.patch_size):\n" + "\n".join(small))
+        self.index = patch_index(sizes, patch, step)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def summary(self) -> str:
+        return (f"{len(self.index)} patches of {self.patch}x{self.patch} (step {self.step}) "
+                f"from {len(self.pairs)} pairs")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self._cache.get(i)
+        if got is None:
+            _, a, b = self.pairs[i]
+            got = (scale_to_range(grey(read_image(a)), self.input_range),
+                   scale_to_range(grey(read_image(b)), self.input_range))
+            with self._lock:
+                self._cache[i] = got
+        return got
+
+    def __getitem__(self, index: int) -> dict:
+        pair, y, x = (int(v) for v in self.index[int(index)])
+        ir, vi = self._pair(pair)
+        p = self.patch
+        return {"ir": np.ascontiguousarray(ir[y:y + p, x:x + p]), "vi": np.ascontiguousarray(vi[y:y + p, x:x + p])}
+
+    def __repr__(self) -> str:
+        return f"PairedPatchSource({self.summary()})"
+
+
+def preview_pairs(pairs, size: int, multiple: int, input_range: str = "-1_1") -> dict:
+    """Held-out pairs for previews: centre crops of size x size (clipped to the smallest image and
+    rounded down to `multiple`), stacked: {'ir', 'vi': (N, s, s, 1)} in the model range, 'names'."""
+    if not pairs:
+        return {}
+    imgs = [(grey(read_image(a)), grey(read_image(b))) for _, a, b in pairs]
+    s = min([size] + [min(i.shape[:2]) for i, _ in imgs])
+    s -= s % multiple
+    if s < multiple:
+        raise UserError(f"held-out pairs are too small for a preview of size {size}")
+
+    def crop(img):
+        h, w = img.shape[:2]
+        y, x = (h - s) // 2, (w - s) // 2
+        return img[y:y + s, x:x + s]
+
+    return {"ir": scale_to_range(np.stack([crop(i) for i, _ in imgs]), input_range),
+            "vi": scale_to_range(np.stack([crop(v) for _, v in imgs]), input_range),
+            "names": [n for n, _, _ in pairs]}

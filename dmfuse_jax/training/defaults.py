@@ -1,0 +1,71 @@
+"""Building blocks of the training configs in `configs/` (the model blocks are in `config_lib`).
+
+Every training config has `seed`, `stage`, `batch_size` (global, over all devices and processes),
+`total_steps`, `checkpoint_every_steps`; all are overridable: `--config.total_steps=1000`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from dmfuse_jax import config_lib
+
+
+def optimizer_config(learning_rate: float, *, warmup_steps: int = 0, schedule: str = "constant",
+                     grad_clip: float = 1.0, ema_decay: float = 0.0) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="adam", learning_rate=learning_rate, warmup_steps=warmup_steps, schedule=schedule,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=grad_clip, ema_decay=ema_decay))
+
+
+def sharding_config(mesh_shape=(-1, 1), fsdp_min_size: int = 2 ** 18) -> ml_collections.ConfigDict:
+    """mesh_shape = (data, fsdp); -1 takes the remaining devices. fsdp > 1 splits params and optimizer
+    state with at least `fsdp_min_size` elements across that axis (for large widths)."""
+    return ml_collections.ConfigDict(dict(mesh_shape=tuple(mesh_shape), fsdp_min_size=fsdp_min_size))
+
+
+def common(config: ml_collections.ConfigDict, *, stage: str, batch_size: int, total_steps: int,
+           checkpoint_every_steps: int, log_every_steps: int, preview_every_steps: int):
+    config.stage = stage
+    config.batch_size = batch_size
+    config.total_steps = total_steps
+    config.checkpoint_every_steps = checkpoint_every_steps
+    config.keep_checkpoints = 3
+    config.log_every_steps = log_every_steps
+    config.preview_every_steps = preview_every_steps
+    config.sharding = sharding_config()
+    return config
+
+
+def pretrain_config(width: int = 32, *, batch_size: int = 64, total_steps: int = 500_000,
+                    checkpoint_every_steps: int = 5000, root: str = "", **unet_kwargs) -> ml_collections.ConfigDict:
+    """Stage 1: DDPM pretraining of the UNet on an image folder tree (or tfds)."""
+    config = config_lib.base_config(width, **unet_kwargs)
+    common(config, stage="pretrain", batch_size=batch_size, total_steps=total_steps,
+           checkpoint_every_steps=checkpoint_every_steps, log_every_steps=100, preview_every_steps=10_000)
+    config.optimizer = optimizer_config(1e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999)
+    config.data = ml_collections.ConfigDict(dict(
+        source="folder",  # 'folder' (recursive image folder) | 'tfds'
+        root=root, tfds_name="coco/2017", tfds_split="train", tfds_data_dir="",
+        color="rgb",  # 'grey' | 'rgb'
+        crop="random_crop",  # 'random_crop' | 'resize'
+        flip=True, num_threads=8, prefetch=16, worker_count=0))
+    config.preview = ml_collections.ConfigDict(dict(num_samples=8, sample_steps=50))
+    return config
+
+
+def fusion_config(width: int = 32, *, batch_size: int = 4, num_epochs: float = 16,
+                  checkpoint_every_steps: int = 2000, ir_dir: str = "", vi_dir: str = "",
+                  **unet_kwargs) -> ml_collections.ConfigDict:
+    """Stage 2: fusion head on the frozen UNet, paired patches (paper: 256, step 12, batch 4, 16 epochs)."""
+    config = config_lib.base_config(width, **unet_kwargs)
+    # total_steps 0: num_epochs epochs of the patch index (its size is printed at start).
+    common(config, stage="fusion", batch_size=batch_size, total_steps=0,
+           checkpoint_every_steps=checkpoint_every_steps, log_every_steps=50, preview_every_steps=2000)
+    config.num_epochs = float(num_epochs)
+    config.optimizer = optimizer_config(1e-5, grad_clip=0.0, ema_decay=0.0)
+    config.data = ml_collections.ConfigDict(dict(
+        ir_dir=ir_dir, vi_dir=vi_dir, patch_size=256, patch_step=12, num_holdout=2, max_pairs=0,
+        num_threads=2, prefetch=8, worker_count=0))
+    config.init = ml_collections.ConfigDict(dict(unet_workdir="", unet_ema=True, unet_torch="", head_torch=""))
+    config.preview = ml_collections.ConfigDict(dict(size=256))
+    return config

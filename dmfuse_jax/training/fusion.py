@@ -1,0 +1,153 @@
+"""Stage 2: fusion training. The diffusion UNet is frozen (a feature extractor); the reducers, CAIM
+and decoder (`params['head']`) are trained with the fusion loss (DESIGN.md section 5).
+
+The UNet comes from a stage-1 workdir (`init.unet_workdir`, EMA weights with `init.unet_ema`) or a
+PyTorch SR3 state_dict (`init.unet_torch`); the head may start from the released PyTorch head
+(`init.head_torch`). Previews: held-out pairs fused by the current head, written as PNG.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmfuse_jax.data.fusion_pairs import PairedPatchSource, preview_pairs, split_pairs
+from dmfuse_jax.data.pipeline import resolve_path
+from dmfuse_jax.errors import UserError
+from dmfuse_jax.models.builders import build_dmfuse
+from dmfuse_jax.training.fusion_loss import fusion_loss_from_config
+from dmfuse_jax.training.pretrain import image_grid
+
+log = logging.getLogger(__name__)
+
+
+def put_tree(tree, shardings):
+    """Host numpy pytree (the same on every process) -> global arrays with `shardings`."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+def check_tree(got, template, what: str) -> None:
+    """Same structure and shapes as the model's params, or an error naming the differences."""
+    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    t = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
+    if g != t:
+        diff = [f"  {k}: {g.get(k, 'missing')} vs model {t.get(k, 'absent')}" for k in sorted(set(g) | set(t))
+                if g.get(k) != t.get(k)]
+        raise UserError(f"{what} does not fit the config's model ({len(diff)} arrays differ):\n" + "\n".join(diff[:20]))
+
+
+def unet_from_workdir(workdir: str, ema: bool, config) -> dict:
+    """The UNet params of a stage-1 workdir; its model.unet config must equal this config's."""
+    from dmfuse_jax.training.checkpoint import load_params, load_workdir_config
+
+    path = resolve_path(workdir, "init.unet_workdir")
+    theirs = load_workdir_config(path)
+    if theirs.get("stage") != "pretrain":
+        raise UserError(f"{path}: init.unet_workdir must be a stage-1 ('pretrain') workdir, "
+                        f"it is stage {theirs.get('stage')!r}")
+    mine, other = config.model.unet.to_dict(), theirs.model.unet.to_dict()
+    diff = [f"{k}: {other.get(k)!r} there vs {mine.get(k)!r} here" for k in sorted(set(mine) | set(other))
+            if k != "attention_impl" and _norm(mine.get(k)) != _norm(other.get(k))]
+    if diff:
+        raise UserError(f"{path}/config.json: its model.unet differs from this config's: " + "; ".join(diff))
+    return load_params(path, ema=ema)
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+class FusionStage:
+    """Trains `params` = {'head': ...}; `frozen` = {'unet': ...}."""
+
+    name = "fusion"
+
+    def __init__(self, config):
+        self.config = config
+        self.model = build_dmfuse(config)
+        self.patch = int(config.data.patch_size)
+        if self.patch % self.model.unet.total_stride:
+            raise UserError(f"data.patch_size {self.patch} must be a multiple of the UNet stride "
+                            f"{self.model.unet.total_stride}")
+        self._preview_fn = None
+        self._previews = None
+
+    # -- data
+    def _pairs(self):
+        d = self.config.data
+        return split_pairs(resolve_path(d.ir_dir, "data.ir_dir"), resolve_path(d.vi_dir, "data.vi_dir"),
+                           int(d.get("num_holdout", 0)), int(d.get("max_pairs", 0)))
+
+    def train_source(self, workdir):
+        d = self.config.data
+        train, held = self._pairs()
+        source = PairedPatchSource(train, patch=self.patch, step=int(d.patch_step),
+                                   input_range=self.config.model.input_range)
+        self._previews = held
+        return source, None
+
+    def example_batch(self, batch: int) -> dict:
+        z = jnp.zeros((batch, self.patch, self.patch, 1), jnp.float32)
+        return {"ir": z, "vi": z}
+
+    # -- model
+    def init_params(self, key):
+        z = jnp.zeros((1, self.patch, self.patch, 1), jnp.float32)
+        p = self.model.init({"params": key, "noise": key}, z, z, method=self.model.init_all)["params"]
+        return {"head": p["head"]}, {"unet": p["unet"]}
+
+    def load_pretrained(self, state, shardings):
+        """Fills the frozen UNet (and optionally the head) from disk."""
+        init = self.config.init
+        if init.get("unet_workdir"):
+            unet = unet_from_workdir(init.unet_workdir, bool(init.get("unet_ema", True)), self.config)
+            check_tree(unet, state.frozen["unet"], f"UNet of {init.unet_workdir}")
+            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
+        elif init.get("unet_torch"):
+            from dmfuse_jax.conversion import convert_unet, load_torch_state_dict
+            path = resolve_path(init.unet_torch, "init.unet_torch")
+            template = jax.tree.map(np.asarray, jax.device_get(state.frozen["unet"]))
+            unet = convert_unet(load_torch_state_dict(str(path)), template)
+            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
+        else:
+            warnings.warn("init.unet_workdir and init.unet_torch are empty: the frozen UNet is randomly "
+                          "initialised, its features are meaningless (fine for tests only)", stacklevel=2)
+        if init.get("head_torch"):
+            from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
+            path = resolve_path(init.head_torch, "init.head_torch")
+            template = jax.tree.map(np.asarray, jax.device_get(state.params["head"]))
+            head = {"head": convert_fusion_head(load_torch_state_dict(str(path)), template)}
+            state = state.replace(params=put_tree(head, shardings.params),
+                                  ema_params=put_tree(head, shardings.ema_params))
+        return state
+
+    def loss(self, params, frozen, batch, key):
+        """batch['ir'], batch['vi']: (B, P, P, 1) in model range. Returns (loss, metrics)."""
+        fused = self.model.apply({"params": {**frozen, **params}}, batch["ir"], batch["vi"], rngs={"noise": key})
+        loss, aux = fusion_loss_from_config(fused, batch["ir"], batch["vi"], self.config.loss,
+                                            self.config.model.input_range)
+        return loss, aux
+
+    # -- previews
+    def preview(self, trainer, state, step: int) -> None:
+        """Held-out pairs fused with the current head: rows of [infrared | visible | fused]."""
+        if not self._previews:
+            return
+        if not isinstance(self._previews, dict):
+            self._previews = preview_pairs(self._previews, int(self.config.preview.get("size", 256)),
+                                           self.model.unet.total_stride, self.config.model.input_range)
+        if self._preview_fn is None:
+            def fuse(params, frozen, ir, vi):
+                return self.model.apply({"params": {**frozen, **params}}, ir, vi,
+                                        rngs={"noise": jax.random.PRNGKey(0)})
+            self._preview_fn = jax.jit(fuse, out_shardings=trainer.replicated)
+        ir, vi = self._previews["ir"], self._previews["vi"]
+        fused = np.asarray(jax.device_get(self._preview_fn(state.params, state.frozen, ir, vi)))
+        lo = -1.0 if self.config.model.input_range == "-1_1" else 0.0
+        to01 = lambda x: np.clip((x - lo) / (1.0 - lo), 0.0, 1.0)  # noqa: E731
+        rows = np.concatenate([to01(ir), to01(vi), to01(fused)], axis=2)  # (N, s, 3s, 1)
+        trainer.write_image(f"previews/step_{step:08d}.png", "previews", image_grid(rows, cols=1), step)

@@ -1,0 +1,107 @@
+"""Helpers for the training tests: tiny configs and training runs in subprocesses.
+
+Subprocesses share a persistent XLA compilation cache (per test session), so identical programs
+compile once across the runs of a test.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dmfuse_jax.data.pipeline import REPO_ROOT
+
+PRETRAIN_CONFIG = str(REPO_ROOT / "configs" / "quickstart_pretrain.py")
+FUSION_CONFIG = str(REPO_ROOT / "configs" / "quickstart_fusion.py")
+
+# A 3-level width-8 UNet at 16x16 (attention at 8x8; levels 2 and 3 share the last reducer): every code path, compiles in seconds.
+TINY_MODEL = ["model.unet.channel_mults=(1, 2, 2)", "model.unet.image_size=16", "model.unet.attn_res=(8,)",
+              "model.unet.norm_groups=4",
+              "diffusion.num_timesteps=200"]
+TINY = {
+    "pretrain": TINY_MODEL + ["batch_size=4", "total_steps=6", "checkpoint_every_steps=2", "log_every_steps=2",
+                              "preview_every_steps=0", "model.unet.dropout=0.1", "optimizer.warmup_steps=2",
+                              "data.num_threads=1"],
+    "fusion": TINY_MODEL + ["batch_size=4", "total_steps=4", "checkpoint_every_steps=2", "log_every_steps=2",
+                            "preview_every_steps=0", "data.patch_size=16", "data.patch_step=64",
+                            "data.max_pairs=2", "init.unet_workdir=''", "data.num_threads=1"],
+}
+
+
+def tiny_config(stage: str, extra: list[str] | None = None):
+    from dmfuse_jax.config_lib import load_config
+    path = PRETRAIN_CONFIG if stage == "pretrain" else FUSION_CONFIG
+    return load_config(path, TINY[stage] + list(extra or []))
+
+
+# Unoptimised XLA CPU code compiles about 3x faster; every run of one test uses the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def subprocess_env(cache_dir: str | os.PathLike | None = None, xla_flags: str = FAST_COMPILE, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                "XLA_FLAGS": xla_flags})
+    if cache_dir is not None:
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    env.update(extra)
+    return env
+
+
+def train_command(stage: str, workdir: str | os.PathLike, extra: list[str] | None = None) -> list[str]:
+    path = PRETRAIN_CONFIG if stage == "pretrain" else FUSION_CONFIG
+    return ([sys.executable, "-m", "dmfuse_jax.training.train", "--config", path, "--workdir", str(workdir)]
+            + [f"--config.{o}" for o in TINY[stage] + list(extra or [])])
+
+
+def start_training(stage: str, workdir, extra=None, env=None, log: str | os.PathLike | None = None) -> subprocess.Popen:
+    """Starts a training run; stdout+stderr go to `log` (default: workdir.log)."""
+    log = Path(log or f"{workdir}.log")
+    f = open(log, "w")
+    return subprocess.Popen(train_command(stage, workdir, extra), stdout=f, stderr=subprocess.STDOUT,
+                            env=env or subprocess_env(), cwd=str(REPO_ROOT))
+
+
+def read_log(workdir) -> str:
+    return Path(f"{workdir}.log").read_text()
+
+
+def one_step_on_meshes(stage_name: str, mesh_shapes, batch_size: int = 8) -> dict:
+    """One training step of the tiny `stage_name` config from the same initial state and the same
+    real batch on several (data, fsdp) meshes (1 device when the shape is (1, 1)), for the sharding
+    test. Returns {mesh_shape: dict(params, ema_params, metrics, specs)} as numpy."""
+    import jax
+    import numpy as np
+
+    from dmfuse_jax.data.pipeline import train_dataset
+    from dmfuse_jax.training.sharding import make_mesh
+    from dmfuse_jax.training.train import build_stage
+    from dmfuse_jax.training.trainer import Trainer
+
+    import time
+    # No warmup: the first step must move the params.
+    config = tiny_config(stage_name, [f"batch_size={batch_size}", "sharding.fsdp_min_size=0",
+                                      "optimizer.warmup_steps=0"])
+    stage = build_stage(config)
+    source, transform = stage.train_source("/tmp")
+    batch = train_dataset(source, transform, seed=0, global_batch=batch_size)[0]
+    state0 = None
+    out = {}
+    for shape in mesh_shapes:
+        t0 = time.perf_counter()
+        n = int(np.prod(shape))
+        trainer = Trainer(config, stage, mesh=make_mesh(shape, jax.devices()[:n]))
+        if state0 is None:
+            state0 = jax.device_get(trainer.init_state())
+        state = jax.device_put(state0, trainer.state_sharding)
+        new, metrics = trainer.train_step(state, trainer.place(batch))
+        specs = {jax.tree_util.keystr(k): str(v.sharding.spec)
+                 for k, v in jax.tree_util.tree_flatten_with_path(new.opt_state)[0]
+                 if hasattr(v, "sharding") and getattr(v, "ndim", 0) >= 2}
+        out[tuple(shape)] = dict(params=jax.device_get(new.params), ema_params=jax.device_get(new.ema_params),
+                                 metrics=jax.device_get(metrics), specs=specs,
+                                 batch_spec=str(trainer.place(batch)[next(iter(batch))].sharding.spec),
+                                 seconds=time.perf_counter() - t0)
+    return out

@@ -1,0 +1,144 @@
+"""`dmfuse train --config configs/<file>.py --workdir DIR [--config.key=value ...]`
+
+Trains the stage the config names (`config.stage`: 'pretrain' = DDPM pretraining of the UNet,
+'fusion' = the fusion head on a frozen UNet), resuming from the workdir's latest checkpoint.
+Also runs as `python -m dmfuse_jax.training.train ...`.
+
+Several processes (hosts): set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID on each, or pass --distributed on a cluster JAX detects itself (SLURM, Cloud TPU
+VMs, Open MPI); see launch/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dmfuse_jax.errors import UserError
+
+# config.stage -> (module, class). Registry: a new stage is a new row.
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("dmfuse_jax.training.pretrain", "PretrainStage"),
+    "fusion": ("dmfuse_jax.training.fusion", "FusionStage"),
+}
+
+REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "checkpoint_every_steps", "stage")
+
+
+def build_stage(config):
+    import importlib
+
+    name = config.get("stage")
+    if name not in STAGES:
+        raise UserError(f"config.stage is {name!r}; expected one of {sorted(STAGES)}")
+    module, cls = STAGES[name]
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config file (configs/*.py)")
+    parser.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, tensorboard/, samples")
+    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                        help="multi-process init: 'auto' (when JAX_COORDINATOR_ADDRESS is set), 'on' "
+                             "(also detect SLURM / Cloud TPU / MPI), 'off' (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
+                        help="config overrides, e.g. --config.total_steps=1000 (or KEY=VALUE)")
+    # `--config.x=y` looks like an unknown option to argparse; the `dmfuse` CLI calls
+    # parser.parse_args, so this parser collects them itself.
+    parser.parse_args = lambda args=None, namespace=None: parse_known(parser, args, namespace)
+
+
+def parse_known(parser: argparse.ArgumentParser, argv, namespace=None):
+    """`--config.x=y` look like options to argparse: collect them as overrides."""
+    args, rest = parser.parse_known_args(argv, namespace)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + rest
+    return args
+
+
+def initialize_distributed(mode: str = "auto") -> None:
+    """jax.distributed.initialize, with the coordinator from the environment (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID) or, with mode 'on', from cluster auto-detection."""
+    import jax
+
+    if mode == "off":
+        return
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not addr and mode != "on":
+        return
+    # CPU-only multi-process runs need host collectives (harmless on GPU / TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = int(os.environ.get("DMFUSE_DISTRIBUTED_TIMEOUT", "300"))
+    if addr:
+        try:
+            n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise UserError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                            "(integers)") from None
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid,
+                                   initialization_timeout=timeout)
+    else:
+        jax.distributed.initialize(initialization_timeout=timeout)
+
+
+def prepare_workdir(config, workdir: str) -> None:
+    """Creates the workdir and writes config.json (process 0); warns when a resumed run's config
+    differs from the one it was started with."""
+    import jax
+
+    from dmfuse_jax.training.checkpoint import CONFIG_FILE, write_config
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        new = config.to_json(indent=2, sort_keys=True) + "\n"
+        if old != new:
+            logging.getLogger(__name__).warning("%s: the config differs from the one this workdir was "
+                                                "started with; the new one is recorded", path)
+    write_config(workdir, config)
+
+
+def train(config, workdir: str) -> dict:
+    """Library entry point: trains `config` in `workdir` (resumes if it has checkpoints)."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise UserError(f"training config lacks the keys {missing}")
+    from dmfuse_jax.training.trainer import fit
+
+    stage = build_stage(config)
+    prepare_workdir(config, workdir)
+    return fit(config, workdir, stage)
+
+
+def run(args) -> int:
+    from dmfuse_jax.config_lib import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = load_config(args.config, list(args.overrides or []))
+    initialize_distributed(args.distributed)
+    train(config, args.workdir)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dmfuse_jax.training.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"dmfuse train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

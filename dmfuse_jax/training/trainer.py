@@ -1,0 +1,236 @@
+"""The training loop shared by both stages: mesh, sharded state, one jitted step, data, checkpoints,
+logs (TensorBoard, metrics.jsonl, progress bar) and previews.
+
+A stage (see `pretrain.PretrainStage`, `fusion.FusionStage`) provides the data source, the params
+(trained and frozen), the loss and its previews; everything else lives here, once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dmfuse_jax.data.pipeline import place_batch, train_dataset, train_iterator
+from dmfuse_jax.errors import UserError
+from dmfuse_jax.training import sharding as shd
+from dmfuse_jax.training.state import TrainState, apply_gradients, initial_state, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# Test hook (fault injection): after finishing this step (and its checkpoint), wait for a signal.
+HANG_ENV = "DMFUSE_DEBUG_HANG_AFTER_STEP"
+
+
+def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
+    """train_step(state, batch) -> (state, metrics): pure; jit it once with shardings."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, key = jax.random.split(state.rng)
+
+        def loss_fn(params):
+            return stage.loss(params, state.frozen, batch, key)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = apply_gradients(state, grads, tx, ema_decay, rng)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return train_step
+
+
+class Trainer:
+    """Everything one run needs except the data: built from (config, stage, mesh)."""
+
+    def __init__(self, config, stage, mesh=None, total_steps: int | None = None):
+        self.config, self.stage = config, stage
+        self.mesh = mesh if mesh is not None else shd.make_mesh(tuple(config.sharding.mesh_shape))
+        self.total_steps = int(total_steps if total_steps is not None else config.total_steps)
+        shd.check_batch(int(config.batch_size), self.mesh)
+        self.tx, self.lr_schedule = make_optimizer(config.optimizer, self.total_steps)
+        self.replicated = shd.replicated(self.mesh)
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+
+        def init_fn(key):
+            k_params, k_rng = jax.random.split(key)
+            params, frozen = stage.init_params(k_params)
+            return initial_state(params, frozen, self.tx, k_rng)
+
+        self._init_fn = init_fn
+        key = jax.random.PRNGKey(int(config.seed))
+        self.abstract_state = jax.eval_shape(init_fn, key)
+        self.state_sharding = shd.state_shardings(self.abstract_state, self.mesh,
+                                                  int(config.sharding.get("fsdp_min_size", 2 ** 18)))
+        step_fn = make_train_step(stage, self.tx, float(config.optimizer.get("ema_decay", 0.0)))
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                                  out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+        self.workdir: Path | None = None
+        self._writer = None
+
+    def compile(self) -> Any:
+        """The train step compiled ahead of time for this state and batch layout (once per run)."""
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+                 for k, v in self.stage.example_batch(int(self.config.batch_size)).items()}
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             self.abstract_state, self.state_sharding)
+        return self.train_step.lower(state, batch).compile()
+
+    def init_state(self) -> TrainState:
+        """Fresh state (params created directly with their shardings), then the stage's pretrained
+        weights (stage 2: the UNet) put in place."""
+        key = jax.random.PRNGKey(int(self.config.seed))
+        state = jax.jit(self._init_fn, out_shardings=self.state_sharding)(key)
+        return self.stage.load_pretrained(state, self.state_sharding)
+
+    def place(self, local_batch: dict) -> dict:
+        return place_batch(local_batch, self.batch_sharding)
+
+    # -- outputs (process 0 writes)
+    @property
+    def is_chief(self) -> bool:
+        return jax.process_index() == 0
+
+    def writer(self):
+        if self._writer is None and self.is_chief and self.workdir is not None:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+        return self._writer
+
+    def write_image(self, relpath: str, tag: str, image01: np.ndarray, step: int) -> None:
+        """(H, W, C) in [0, 1] -> workdir/relpath (PNG, atomic) and TensorBoard."""
+        if not self.is_chief or self.workdir is None:
+            return
+        from dmfuse_jax.data.images import write_image_atomic
+        write_image_atomic(self.workdir / relpath, image01)
+        w = self.writer()
+        if w is not None:
+            img = image01 if image01.shape[-1] == 3 else np.repeat(image01, 3, axis=-1)
+            w.add_image(tag, np.clip(img, 0, 1), step, dataformats="HWC")
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.is_chief or self.workdir is None:
+            return
+        w = self.writer()
+        for k, v in scalars.items():
+            w.add_scalar(k, v, step)
+        w.flush()
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def total_steps_of(config, num_examples: int) -> int:
+    """config.total_steps, or (when <= 0) num_epochs epochs of the data at batch_size."""
+    if int(config.total_steps) > 0:
+        return int(config.total_steps)
+    epochs = float(config.get("num_epochs", 0))
+    if epochs <= 0:
+        raise UserError("set total_steps (> 0) or num_epochs (> 0) in the config")
+    return max(1, math.ceil(epochs * num_examples / int(config.batch_size)))
+
+
+def fit(config, workdir: str | os.PathLike, stage) -> dict:
+    """Trains `stage` in `workdir` (resuming from its latest valid checkpoint). Returns a summary."""
+    from tqdm import tqdm
+
+    from dmfuse_jax.data.pretrain import SKIPPED
+    from dmfuse_jax.training.checkpoint import Checkpointer, PreemptionWatch
+
+    workdir = Path(workdir)
+    chief = jax.process_index() == 0
+    source, transform = stage.train_source(workdir)
+    if chief:
+        print(f"data: {source.summary() if hasattr(source, 'summary') else repr(source)}", flush=True)
+    total = total_steps_of(config, len(source))
+    trainer = Trainer(config, stage, total_steps=total)
+    trainer.workdir = workdir
+    if chief:
+        print(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} devices, "
+              f"{jax.process_count()} process(es); global batch {config.batch_size}; {total} steps", flush=True)
+
+    ds = train_dataset(source, transform, seed=int(config.seed), global_batch=int(config.batch_size),
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    d = config.data
+    data_iter = train_iterator(ds, num_threads=int(d.get("num_threads", 2)), prefetch=int(d.get("prefetch", 8)),
+                               worker_count=int(d.get("worker_count", 0)))
+
+    ckpt = Checkpointer(workdir, every=int(config.checkpoint_every_steps),
+                        keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name)
+    restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_sharding, data_iter)
+    if restored is None:
+        state, start = trainer.init_state(), 0
+    else:
+        state, start = restored
+        if chief:
+            print(f"resumed from {ckpt.directory / str(start)}", flush=True)
+
+    t0 = time.perf_counter()
+    train_step = trainer.compile()
+    if chief:
+        print(f"train step compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    log_every = max(1, int(config.get("log_every_steps", 50)))
+    preview_every = int(config.get("preview_every_steps", 0))
+    hang_after = int(os.environ.get(HANG_ENV, "-1"))
+    pending: list[dict] = []
+    summary = {"start_step": start, "end_step": start, "preempted": None}
+    t_last, step_last = time.perf_counter(), start
+    bar = tqdm(total=total, initial=start, disable=not chief, dynamic_ncols=True, desc=stage.name,
+               file=sys.stdout, mininterval=2.0)
+    step = start
+    with PreemptionWatch(multiprocess=jax.process_count() > 1) as watch:
+        try:
+            while step < total:
+                batch = trainer.place(next(data_iter))
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append(metrics)
+                bar.update(1)
+                if step % log_every == 0 or step == total:
+                    # The only host sync of the loop: metrics of the last `log_every` steps.
+                    got = jax.device_get(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    scalars = {f"train/{k}": float(np.mean([m[k] for m in got])) for k in got[0]}
+                    scalars["train/learning_rate"] = float(trainer.lr_schedule(step - 1))
+                    scalars["perf/images_per_second"] = (step - step_last) * int(config.batch_size) / (now - t_last)
+                    scalars["data/skipped_files"] = float(SKIPPED.count)
+                    t_last, step_last = now, step
+                    trainer.log_scalars(step, scalars)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+                if preview_every > 0 and (step % preview_every == 0 or step == total):
+                    stage.preview(trainer, state, step)
+                ckpt.save(step, state, data_iter)
+                if step == hang_after:
+                    ckpt.wait()
+                    print(f"HANG at step {step}", flush=True)
+                    while not watch.requested(step, ckpt):
+                        time.sleep(0.05)
+                if watch.requested(step, ckpt):
+                    summary["preempted"] = watch.signal_name
+                    break
+            ckpt.save(step, state, data_iter, force=True)
+            ckpt.close()
+        finally:
+            bar.close()
+            trainer.close()
+    summary["end_step"] = step
+    if chief:
+        if summary["preempted"]:
+            print(f"stopped by {summary['preempted']} at step {step}; checkpoint saved in {ckpt.directory}; "
+                  "run the same command again to resume", flush=True)
+        else:
+            print(f"done: {step} steps; checkpoints in {ckpt.directory}", flush=True)
+    summary["state"] = state
+    return summary

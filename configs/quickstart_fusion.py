@@ -5,6 +5,9 @@ of a few RoadScene pairs (8 for training, 2 held out for the previews), on CPU.
       --config.init.unet_workdir=workdirs/quickstart_pretrain
 
 Fused previews of the held-out pairs are written to workdirs/quickstart_fusion/previews/.
+
+Self-attention sits at the deepest level (resolution 4 of the 32-pixel config size, 1/8 of any
+input), so fusing full-size images stays cheap; at 1/2 it would need tens of GB at TNO sizes.
 """
 from dmfuse_jax.training import defaults
 
@@ -12,7 +15,7 @@ from dmfuse_jax.training import defaults
 def get_config():
     config = defaults.fusion_config(width=8, batch_size=4, num_epochs=1, checkpoint_every_steps=100,
                                     ir_dir="../shared/data/roadscene/ir", vi_dir="../shared/data/roadscene/vi",
-                                    norm_groups=8, image_size=32, in_channels=1, out_channels=1,
+                                    norm_groups=8, image_size=32, attn_res=(4,), in_channels=1, out_channels=1,
                                     channel_mults=(1, 2, 4, 4), dropout=0.0)
     config.name = "quickstart_fusion"
     config.diffusion.num_timesteps = 1000

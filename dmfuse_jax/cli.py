@@ -1,6 +1,7 @@
 """The `dmfuse` command line: one entry point, subcommands from a registry.
 
-Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`
+(and optionally `parse(parser, argv) -> args`).
 Modules are imported lazily so `dmfuse info` does not pay for the training stack.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"dmfuse {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    # A command with free-form arguments (train's --config.KEY=VALUE) parses them itself.
+    args = module.parse(sub, argv[1:]) if hasattr(module, "parse") else sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -44,14 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(also detect SLURM / Cloud TPU / MPI), 'off' (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
                         help="config overrides, e.g. --config.total_steps=1000 (or KEY=VALUE)")
-    # `--config.x=y` looks like an unknown option to argparse; the `dmfuse` CLI calls
-    # parser.parse_args, so this parser collects them itself.
-    parser.parse_args = lambda args=None, namespace=None: parse_known(parser, args, namespace)
 
 
-def parse_known(parser: argparse.ArgumentParser, argv, namespace=None):
-    """`--config.x=y` look like options to argparse: collect them as overrides."""
-    args, rest = parser.parse_known_args(argv, namespace)
+def parse(parser: argparse.ArgumentParser, argv):
+    """`--config.x=y` look like unknown options to argparse: collect them as overrides.
+    (The `dmfuse` CLI calls a command module's `parse` when it has one.)"""
+    args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -132,7 +130,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmfuse_jax.training.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse(parser, sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except UserError as e:

@@ -44,7 +44,6 @@ def peak_for(device_kind: str, dtype: str) -> float | None:
 
 def measure(stage_name: str, args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from dmfuse_jax.config_lib import load_config

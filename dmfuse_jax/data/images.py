@@ -59,13 +59,7 @@ def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.nd
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read image: {e}") from None
     if high:
-        if sixteen_bit == "minmax":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        elif sixteen_bit == "full":
-            arr = np.clip(arr / 65535.0, 0.0, 1.0)
-        else:
-            raise ValueError(f"unknown sixteen_bit mapping {sixteen_bit!r} (expected 'minmax' or 'full')")
+        arr = map_high_bit_depth(arr, sixteen_bit)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
@@ -75,6 +69,18 @@ def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.nd
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise UserError(f"{path}: image is too small ({arr.shape[1]}x{arr.shape[0]})")
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def map_high_bit_depth(arr: np.ndarray, sixteen_bit: str = "minmax") -> np.ndarray:
+    """16-bit (or wider) values -> float32 [0, 1]: 'minmax' stretches the image's own range,
+    'full' divides by 65535. A constant image maps to 0 under 'minmax'."""
+    arr = np.asarray(arr, np.float32)
+    if sixteen_bit == "minmax":
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if sixteen_bit == "full":
+        return np.clip(arr / 65535.0, 0.0, 1.0)
+    raise ValueError(f"unknown sixteen_bit mapping {sixteen_bit!r} (expected 'minmax' or 'full')")
 
 
 def to_uint8(x01: np.ndarray) -> np.ndarray:
@@ -91,15 +97,7 @@ def write_image_atomic(path: str | os.PathLike, x01: np.ndarray) -> None:
     arr = to_uint8(x01)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format=_pil_format(path))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomic(path, lambda f: Image.fromarray(arr).save(f, format=_pil_format(path)))
 
 
 def _pil_format(path: Path) -> str:
@@ -158,16 +156,30 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes a text file atomically (temporary file in the same folder, then renamed)."""
+def _write_atomic(path: Path, write) -> None:
+    """Calls `write(binary_file)` on a temporary file beside `path`, then renames it into place, so
+    readers never see a partial file; on any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes a file atomically (temporary file in the same folder, then renamed)."""
+    _write_atomic(Path(path), lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes a UTF-8 text file atomically (temporary file in the same folder, then renamed)."""
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -6,33 +6,16 @@ import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from dmfuse_jax.data.images import write_bytes_atomic
 from dmfuse_jax.evaluation.metrics import LOWER_IS_BETTER
 
 # rows: dicts with keys "method", "image" and one float per metric.
 Row = dict
 Summary = dict  # method -> metric -> (mean, std)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def csv_text(rows: list[Row], metrics: list[str]) -> str:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from dmfuse_jax.data.images import rgb_to_ycbcr, ycbcr_to_rgb
+from dmfuse_jax.data.images import map_high_bit_depth, rgb_to_ycbcr, ycbcr_to_rgb
 from dmfuse_jax.errors import UserError
 
 
@@ -109,14 +109,7 @@ def normalise_array(x, name: str, *, sixteen_bit: str = "minmax") -> np.ndarray:
     elif x.dtype == bool:
         x = x.astype(np.float32)
     elif np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32)
-        if sixteen_bit == "minmax":
-            lo, hi = float(x.min()), float(x.max())
-            x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-        elif sixteen_bit == "full":
-            x = np.clip(x / 65535.0, 0.0, 1.0)
-        else:
-            raise ValueError(f"unknown sixteen_bit mapping {sixteen_bit!r} (expected 'minmax' or 'full')")
+        x = map_high_bit_depth(x, sixteen_bit)
     elif np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):

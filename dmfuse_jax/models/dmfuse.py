@@ -1,7 +1,7 @@
 """The whole DMFuse model: frozen diffusion feature extractor + fusion head, for any image size."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -296,8 +296,6 @@ def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None 
     Stage 'fusion': the full DMFuse tree {'unet': ..., 'head': ...}; stage 'pretrain': the UNet tree.
     A corrupt newest checkpoint is skipped with a `CorruptCheckpointWarning`. `step` picks one.
     """
-    import orbax.checkpoint as ocp
-
     load_workdir_config(workdir)  # is a workdir
     directory = Path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():

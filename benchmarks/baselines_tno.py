@@ -3,8 +3,8 @@
   python benchmarks/baselines_tno.py [--data ../shared/data/tno] [--out outputs/baselines_tno]
                                      [--plot docs/images/baselines_tno_radar.png]
 
-Writes OUT/<method>/<name>.png for each baseline in `dmfuse_jax.evaluation.baselines.BASELINES`
-(grey 8-bit PNG), then runs the evaluation on all of them: OUT/metrics.csv (per image),
+Runs `dmfuse fuse --method <baseline>` for each baseline in `dmfuse_jax.evaluation.baselines.BASELINES`
+(OUT/<method>/<name>.png), then `dmfuse evaluate` on all of them: OUT/metrics.csv (per image),
 OUT/summary.md (means ± std) and the radar / bar plots. Prints the fusion time and the evaluation
 time (measured; the evaluation prints its own elapsed time).
 """
@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     from dmfuse_jax.cli import main as dmfuse_main
-    from dmfuse_jax.data.images import match_pairs, read_image, rgb_to_ycbcr, write_image_atomic
     from dmfuse_jax.evaluation.baselines import BASELINES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,16 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
 
-    def grey(x):  # (H, W, C) in [0, 1] -> (H, W); colour visible images give their luminance
-        return rgb_to_ycbcr(x)[..., 0] if x.shape[-1] == 3 else x[..., 0]
-
     t0 = time.perf_counter()
-    pairs = match_pairs(data / "ir", data / "vi")
-    for stem, ir_path, vis_path in pairs:
-        ir, vis = grey(read_image(ir_path)), grey(read_image(vis_path))
-        for name, fn in BASELINES.items():
-            write_image_atomic(out / name / f"{stem}.png", fn(ir, vis))
-    print(f"fused {len(pairs)} pairs with {', '.join(BASELINES)} in {time.perf_counter() - t0:.1f} s")
+    for name in BASELINES:  # the same command a user runs: dmfuse fuse --method NAME
+        rc = dmfuse_main(["fuse", "--method", name, "--ir", str(data / "ir"), "--vis", str(data / "vi"),
+                          "--out", str(out / name), "--no-progress"])
+        if rc:
+            return rc
+    print(f"fused with {', '.join(BASELINES)} in {time.perf_counter() - t0:.1f} s")
 
     plot = args.plot or str(out / "radar.png")
     argv_eval = ["evaluate", "--ir", str(data / "ir"), "--vis", str(data / "vi"),

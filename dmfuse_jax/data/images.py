@@ -4,6 +4,7 @@ Every error names the file and the problem (`UserError`), so the CLI can print i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,32 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+@contextlib.contextmanager
+def _open_image(path: Path):
+    """Opens an image with PIL; a missing file, a folder, or an unreadable/corrupt image becomes a
+    `UserError` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected an image file")
+    try:
+        with Image.open(path) as im:
+            yield im
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) from the image header only, so bad files fail before any work; errors name the file."""
+    with _open_image(Path(path)) as im:
+        w, h = im.size
+    return h, w
+
+
 def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.ndarray:
     """Reads an image as float32 in [0, 1], shape (H, W, 1) for grey or (H, W, 3) for colour.
 
@@ -27,37 +54,26 @@ def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.nd
     usual display mapping for radiometric thermal data); 'full' divides by 65535. RGB images whose
     three channels are equal (TNO stores grey this way) come back as grey. Alpha is dropped.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected an image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                arr = np.asarray(im, dtype=np.uint16).astype(np.float32)
-                high = True
-            elif mode in ("I", "F"):
-                arr = np.asarray(im, dtype=np.float32)
-                high = True
-            elif mode in ("L", "RGB"):
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-                high = False
-            elif mode == "1":
-                arr = np.asarray(im, dtype=np.float32)
-                high = False
-            else:  # P, LA, RGBA, CMYK, YCbCr ...
-                target = "L" if mode in ("LA", "La") else "RGB"
-                arr = np.asarray(im.convert(target), dtype=np.float32) / 255.0
-                high = False
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: cannot read image: {e}") from None
+    with _open_image(path) as im:
+        im.load()
+        mode = im.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            arr = np.asarray(im, dtype=np.uint16).astype(np.float32)
+            high = True
+        elif mode in ("I", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            high = True
+        elif mode in ("L", "RGB"):
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+            high = False
+        elif mode == "1":
+            arr = np.asarray(im, dtype=np.float32)
+            high = False
+        else:  # P, LA, RGBA, CMYK, YCbCr ...
+            target = "L" if mode in ("LA", "La") else "RGB"
+            arr = np.asarray(im.convert(target), dtype=np.float32) / 255.0
+            high = False
     if high:
         arr = map_high_bit_depth(arr, sixteen_bit)
     if arr.ndim == 2:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from dmfuse_jax.data.images import probe_image
 from dmfuse_jax.errors import UserError
 
 
@@ -51,24 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _probe(path: Path) -> tuple[int, int]:
-    """(H, W) from the image header, so bad files fail before any work; errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected an image file")
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: cannot read image: {e}") from None
-    return h, w
-
-
 def collect_pairs(ir: str, vis: str, out: str) -> list[tuple[str, Path, Path, Path]]:
     """-> [(name, ir_path, vis_path, out_path)] from two files or two folders."""
     from dmfuse_jax.data.images import is_image_file, match_pairs
@@ -102,8 +85,8 @@ def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
     """Reads every header; -> the output size (H, W) of each pair (the visible image's)."""
     sizes = []
     for _, a, b, _ in pairs:
-        ha, wa = _probe(a)
-        hb, wb = _probe(b)
+        ha, wa = probe_image(a)
+        hb, wb = probe_image(b)
         if (ha, wa) != (hb, wb) and not resize:
             raise UserError(f"{a}: size {wa}x{ha} differs from {b} ({wb}x{hb}); register the pair or pass "
                             "--resize to resize the infrared image to the visible size")

@@ -159,19 +159,13 @@ def check_equal(config, params, torch_model, device, ir, vi) -> float:
     import torch
 
     from dmfuse_jax.models import build_dmfuse
-    from dmfuse_jax.models.dmfuse import noisy_inputs, pad_to_multiple, to_grey
 
     jm = build_dmfuse(config, "float32")
     key = jax.random.PRNGKey(1)
 
     def fuse_and_noise(p, a, b):
         fused = jm.apply(p, a, b, rngs={"noise": key})
-        s = jm.unet.total_stride
-        # The first make_rng('noise') of an apply with the same key is the noise DMFuse drew above.
-        noisy = jm.apply(p, pad_to_multiple(to_grey(a), s), pad_to_multiple(to_grey(b), s),
-                         rngs={"noise": key},
-                         method=lambda m, x, y: noisy_inputs(m.make_rng("noise"), x, y, m.schedule,
-                                                             m.timesteps, m.unet.in_channels))
+        noisy = jm.apply(p, a, b, rngs={"noise": key}, method=jm.diffusion_inputs)  # the same noise
         return fused, noisy
 
     with jax.default_matmul_precision("highest"):

@@ -65,6 +65,20 @@ def base_config(width: int = 32, **unet_kwargs) -> ml_collections.ConfigDict:
     ))
 
 
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """JSON (as written by `ConfigDict.to_json`) -> ConfigDict, lists back to tuples (configs use
+    tuples for multipliers, timesteps and shapes). Raises ValueError on invalid JSON."""
+    import json
+
+    def tuples(o):
+        if isinstance(o, dict):
+            return {k: tuples(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return tuple(tuples(v) for v in o)
+        return o
+    return ml_collections.ConfigDict(tuples(json.loads(text)))
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file (optionally `path:arg`) and applies `key=value` overrides."""
     import ast

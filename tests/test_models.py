@@ -10,7 +10,6 @@ import pytest
 from conftest import DATA
 from dmfuse_jax.data.images import read_image
 from dmfuse_jax.models import build_dmfuse, build_unet, to_model_range
-from dmfuse_jax.models.dmfuse import noisy_inputs
 from dmfuse_jax.models.init import init_dmfuse_params, init_params
 from dmfuse_jax.training.fusion_loss import fusion_loss_from_config
 
@@ -77,7 +76,7 @@ def test_features_are_taps_concatenated_in_timestep_order(tiny_config, tiny_mode
     chex.assert_shape(ir_f, [(2, 32 >> i, 32 >> i, 3 * c) for i, c in enumerate(widths)])
     # Recompute by hand: the same noise, one UNet call per (timestep, modality).
     x_t, g = model.apply({"params": params}, ir, vi, rngs={"noise": key},
-                         method=lambda m, a, b: noisy_inputs(m.make_rng("noise"), a, b, m.schedule, m.timesteps, 3))
+                         method=model.diffusion_inputs)
     taps = jax.jit(lambda p: model.unet.apply({"params": p}, x_t, g, taps=True))(params["unet"])
     for level, (f_ir, f_vi, tap) in enumerate(zip(ir_f, vi_f, taps)):
         c = widths[level]
@@ -91,7 +90,7 @@ def test_noise_levels_come_from_each_timestep_interval(tiny_model):
     model, params = tiny_model
     x = jnp.zeros((4, 16, 16, 1))
     _, g = model.apply({"params": params}, x, x, rngs={"noise": jax.random.PRNGKey(0)},
-                       method=lambda m, a, b: noisy_inputs(m.make_rng("noise"), a, b, m.schedule, m.timesteps, 3))
+                       method=model.diffusion_inputs)
     table = model.schedule.sqrt_alphas_cumprod_prev
     g = np.asarray(g).reshape(3, 8)
     for i, t in enumerate((5, 50, 100)):

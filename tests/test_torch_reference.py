@@ -89,7 +89,6 @@ def test_whole_model_equals_ours_through_the_converter(tiny_cfg):
     import jax
 
     from dmfuse_jax.models import build_dmfuse
-    from dmfuse_jax.models.dmfuse import noisy_inputs, pad_to_multiple, to_grey
 
     torch.manual_seed(0)
     tm = tr.build_torch_dmfuse(tiny_cfg)
@@ -104,12 +103,7 @@ def test_whole_model_equals_ours_through_the_converter(tiny_cfg):
 
     def fuse_and_noise(p, ir, vi):
         fused = jm.apply(p, ir, vi, rngs={"noise": key})
-        s = jm.unet.total_stride
-        # The first make_rng('noise') of an apply with the same key: the noise DMFuse drew above.
-        noisy = jm.apply(p, pad_to_multiple(to_grey(ir), s), pad_to_multiple(to_grey(vi), s),
-                         rngs={"noise": key},
-                         method=lambda m, a, b: noisy_inputs(m.make_rng("noise"), a, b, m.schedule,
-                                                             m.timesteps, m.unet.in_channels))
+        noisy = jm.apply(p, ir, vi, rngs={"noise": key}, method=jm.diffusion_inputs)  # the same noise
         return fused, noisy
 
     fused, (x_t, g) = jax.jit(fuse_and_noise)(params, ir, vi)

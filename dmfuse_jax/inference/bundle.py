@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dmfuse_jax.config_lib import config_from_json  # noqa: F401  (re-exported)
 from dmfuse_jax.errors import UserError
 
 MARKER = "dmfuse_bundle.json"
@@ -44,19 +45,6 @@ def _store_dtype(name: str):
 
 def config_to_json(config) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-
-
-def config_from_json(text: str):
-    """JSON -> ConfigDict, lists back to tuples (configs use tuples for multipliers and steps)."""
-    import ml_collections
-
-    def tuples(o):
-        if isinstance(o, dict):
-            return {k: tuples(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return tuple(tuples(v) for v in o)
-        return o
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
 
 
 def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:

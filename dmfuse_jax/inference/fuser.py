@@ -40,7 +40,7 @@ def config_key(config, dtype: str | None = None) -> str:
 
 
 def _config_from_key(key: str):
-    from dmfuse_jax.inference.bundle import config_from_json
+    from dmfuse_jax.config_lib import config_from_json
     return config_from_json(key)
 
 

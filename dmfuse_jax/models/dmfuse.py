@@ -90,6 +90,14 @@ class DMFuse(nn.Module):
             vi_feats.append(per_mod[1])
         return ir_feats, vi_feats
 
+    def diffusion_inputs(self, ir: jax.Array, vi: jax.Array):
+        """The UNet batch (x_t, g) of `noisy_inputs` that `__call__` draws for (ir, vi) with the same
+        'noise' key (grey, padded): for checking other implementations on identical noise."""
+        s = self.unet.total_stride
+        return noisy_inputs(self.make_rng("noise"), pad_to_multiple(to_grey(ir), s),
+                            pad_to_multiple(to_grey(vi), s), self.schedule, self.timesteps,
+                            self.unet.in_channels)
+
     def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
         if ir.shape[:3] != vi.shape[:3]:
             raise ValueError(f"infrared {ir.shape} and visible {vi.shape} differ in batch or size")

@@ -12,7 +12,6 @@ falls back to the previous step with a warning.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -47,18 +46,9 @@ def write_config(workdir: str | os.PathLike, config) -> None:
     write_text_atomic(Path(workdir) / CONFIG_FILE, config.to_json(indent=2, sort_keys=True) + "\n")
 
 
-def _tuples(obj):
-    """JSON lists -> tuples (configs use tuples for shapes, multipliers, ...)."""
-    if isinstance(obj, dict):
-        return {k: _tuples(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return tuple(_tuples(v) for v in obj)
-    return obj
-
-
 def load_workdir_config(workdir: str | os.PathLike):
     """The ConfigDict a training run in `workdir` was started with."""
-    import ml_collections
+    from dmfuse_jax.config_lib import config_from_json
 
     path = Path(workdir) / CONFIG_FILE
     if not Path(workdir).is_dir():
@@ -66,11 +56,9 @@ def load_workdir_config(workdir: str | os.PathLike):
     if not path.is_file():
         raise UserError(f"{path}: missing: {workdir} is not a training workdir (no config.json)")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        return config_from_json(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable config: {e}") from None
-    return ml_collections.ConfigDict(_tuples(data))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfuse_jax import compilation
 from dmfuse_jax.models.criss_cross import criss_cross_reference
 from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
 
@@ -41,12 +42,12 @@ IMPLS = {"reference": criss_cross_reference, "pallas": criss_cross_pallas}
 def make_call(impl: str, mode: str):
     fn = IMPLS[impl]
     if mode == "fwd":
-        return jax.jit(lambda q, k, v, ct: fn(q, k, v))
+        return compilation.jit(lambda q, k, v, ct: fn(q, k, v))
 
     def loss_and_grads(q, k, v, ct):
         return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct),
                                   argnums=(0, 1, 2))(q, k, v)
-    return jax.jit(loss_and_grads)
+    return compilation.jit(loss_and_grads)
 
 
 def analysed_bytes(compiled) -> int | None:
@@ -112,7 +113,7 @@ def model_memory(hw, width: int, impl: str, dtype: str) -> dict:
     x = jax.ShapeDtypeStruct((1,) + hw + (1,), jnp.float32)
     keys = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)}
     params = jax.eval_shape(lambda a, b: model.init(keys, a, b), x, x)
-    fuse = jax.jit(lambda p, a, b: model.apply(p, a, b, rngs={"noise": jax.random.PRNGKey(0)}))
+    fuse = compilation.jit(lambda p, a, b: model.apply(p, a, b, rngs={"noise": jax.random.PRNGKey(0)}))
     row = dict(height=hw[0], width=hw[1], model_width=width, impl=impl, dtype=dtype)
     t0 = time.perf_counter()
     try:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), backend=jax.default_backend(),
                 device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
                 kernel_interpret=not on_gpu, dtype=args.dtype, batch=2, cq=4, cv=32,
-                device_bytes_limit=device_limit_bytes())
+                device_bytes_limit=device_limit_bytes(), xla_compiler_options=compilation.compiler_options())
     print(f"# criss-cross attention, {meta['device']} ({meta['backend']}), {args.dtype}, batch 2, "
           f"Cq 4, Cv 32, {meta['date']}" + ("  [kernel in INTERPRET mode]" if not on_gpu else ""), flush=True)
     rows, model_rows = [], []

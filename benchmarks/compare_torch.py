@@ -8,8 +8,10 @@ Variants (--variants picks a subset):
                      float32, the SR3 einsum self-attention as the authors ship it
   torch_compile_bf16 the same weights, `torch.compile` + `torch.autocast(bfloat16)`,
                      F.scaled_dot_product_attention (the strongest PyTorch setting we know)
-  ours_fp32          `build_dmfuse(config)` jitted, float32
+  ours_fp32          `build_dmfuse(config)` jitted with `dmfuse_jax.compilation.jit`, float32
   ours_bf16          the same params with config.model.dtype = 'bfloat16'
+  ours_fp32_xla_defaults  ours_fp32 compiled by plain `jax.jit` (XLA's default options); in the
+                     default list only where dmfuse sets compile options (CPU), to show what they buy
 Cases (--cases HxWxB,...): default 576x768x1 (a TNO pair), 256x256x1 and 256x256x16.
 
 Weights: the PyTorch model is initialised (seed 0) and converted to our params with the project's
@@ -41,9 +43,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dmfuse_jax import compilation  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HEAD = ROOT.parent / "shared" / "weights" / "dmfuse_fusion_head.pth"
-VARIANTS = ("torch_eager_fp32", "torch_compile_bf16", "ours_fp32", "ours_bf16")
+VARIANTS = ("torch_eager_fp32", "torch_compile_bf16", "ours_fp32", "ours_bf16", "ours_fp32_xla_defaults")
+# ours_fp32_xla_defaults only differs from ours_fp32 where dmfuse sets XLA compile options (CPU)
+DEFAULT_VARIANTS = VARIANTS if compilation.compiler_options() else VARIANTS[:4]
 FULL_CASES = "576x768x1,256x256x1,256x256x16"
 SMALL_CASES = "144x192x1,64x64x1,64x64x16"
 
@@ -132,11 +138,13 @@ class TorchRunner:
 
 
 class JaxRunner:
-    def __init__(self, config, params, dtype: str):
+    def __init__(self, config, params, dtype: str, *, xla_defaults: bool = False):
         from dmfuse_jax.models import build_dmfuse
         model = build_dmfuse(config, dtype)
         self.params = jax.device_put(params)
-        self.fuse = jax.jit(lambda p, a, b, key: model.apply(p, a, b, rngs={"noise": key}))
+        fuse = lambda p, a, b, key: model.apply(p, a, b, rngs={"noise": key})  # noqa: E731
+        # xla_defaults: plain jax.jit, without dmfuse's compile options (to measure what they buy)
+        self.fuse = jax.jit(fuse) if xla_defaults else compilation.jit(fuse)
         self.key = jax.random.PRNGKey(0)
 
     def make(self, ir: np.ndarray, vi: np.ndarray):
@@ -169,7 +177,7 @@ def check_equal(config, params, torch_model, device, ir, vi) -> float:
         return fused, noisy
 
     with jax.default_matmul_precision("highest"):
-        fused, (x_t, g) = jax.jit(fuse_and_noise)(params, ir, vi)
+        fused, (x_t, g) = compilation.jit(fuse_and_noise)(params, ir, vi)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -211,7 +219,8 @@ def build_models(args):
 def markdown_table(results: list[dict], variants: list[str]) -> str:
     head = "| case (HxW, batch) | " + " | ".join(f"{v} ms/pair" for v in variants)
     ratio_cols = [("torch_eager_fp32", "ours_bf16"), ("torch_compile_bf16", "ours_bf16"),
-                  ("torch_eager_fp32", "ours_fp32")]
+                  ("torch_eager_fp32", "ours_fp32"), ("torch_compile_bf16", "ours_fp32"),
+                  ("ours_fp32_xla_defaults", "ours_fp32")]
     ratio_cols = [(a, b) for a, b in ratio_cols if a in variants and b in variants]
     head += "".join(f" | {b} speed-up vs {a}" for a, b in ratio_cols) + " | max abs diff (fp32) |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -239,7 +248,8 @@ def main(argv=None) -> int:
                     help=f"CPU preset: width 8 and cases {SMALL_CASES} (unless given explicitly)")
     ap.add_argument("--width", type=int, help="UNet inner channels (default 32, the paper's 1/4 model; --small: 8)")
     ap.add_argument("--cases", help=f"HxWxB list (default {FULL_CASES}; --small: {SMALL_CASES})")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="comma list of " + ", ".join(VARIANTS) + " (default: %(default)s)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - PyTorch| (fp32) before timing")
@@ -265,6 +275,7 @@ def main(argv=None) -> int:
         "torch_compile_bf16": lambda: TorchRunner(sdpa, device, bf16=True, compile_mode=args.compile_mode),
         "ours_fp32": lambda: JaxRunner(config, params, "float32"),
         "ours_bf16": lambda: JaxRunner(config, params, "bfloat16"),
+        "ours_fp32_xla_defaults": lambda: JaxRunner(config, params, "float32", xla_defaults=True),
     }
     runners = {v: makers[v]() for v in variants}
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **device_description(),
@@ -273,9 +284,10 @@ def main(argv=None) -> int:
                 attention_impl=args.attention_impl, compile_mode=args.compile_mode,
                 iters=args.iters, warmup=args.warmup, cudnn_benchmark=True,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                xla_compiler_options=compilation.compiler_options(), xla_flags=os.environ.get("XLA_FLAGS"),
                 load_avg_1min_start=os.getloadavg()[0])
     print(f"# DMFuse ours vs PyTorch: width {args.width}, {meta['device_kind']} ({meta['backend']}), "
-          f"{meta.get('cpu', '')} {meta['date']}", flush=True)
+          f"{meta.get('cpu', '')} {meta['date']}; XLA compile options {meta['xla_compiler_options']}", flush=True)
 
     results = []
     rng = np.random.default_rng(0)
@@ -297,7 +309,7 @@ def main(argv=None) -> int:
             row["variants"][name] = t
             print(f"  {name:20s} {t['ms_per_pair']:10.2f} ms/pair {t['pairs_per_s']:9.2f} pairs/s "
                   f"(first call {t['first_call_s']:.1f} s)", flush=True)
-        for a in ("torch_eager_fp32", "torch_compile_bf16"):
+        for a in ("torch_eager_fp32", "torch_compile_bf16", "ours_fp32_xla_defaults"):
             for o in ("ours_fp32", "ours_bf16"):
                 if a in row["variants"] and o in row["variants"]:
                     row["ratios"][f"{o}_vs_{a}"] = row["variants"][a]["median_s"] / row["variants"][o]["median_s"]

@@ -13,6 +13,7 @@ of the device's peak (table below by device kind, or --peak-tflops) and the peak
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -49,12 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction (default: table)")
+    p.add_argument("--caim-impl", choices=("auto", "reference", "pallas"), default=None,
+                   help="force CAIM's criss-cross implementation (default: the config's, 'auto')")
+    p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
+                   help="UNet self-attention backend (default: the config's)")
+    p.add_argument("--json", help="also write the figures to this JSON file (atomically)")
     args = p.parse_args(argv)
 
     import jax
     import numpy as np
 
+    from dmfuse_jax import compilation
     from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.data.images import write_text_atomic
     from dmfuse_jax.inference import buckets
     from dmfuse_jax.inference.fuser import Fuser, random_params
 
@@ -63,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         with config.unlocked():
             config.model.unet.inner_channels = args.width
             config.model.unet.norm_groups = min(config.model.unet.norm_groups, args.width)
+    with config.unlocked():
+        if args.caim_impl:
+            config.model.head.caim_impl = args.caim_impl
+        if args.attention_impl:
+            config.model.unet.attention_impl = args.attention_impl
     h, w = (int(s) for s in args.size.lower().split("x"))
     dev = jax.devices()[0]
     print(f"devices: {', '.join(str(d) for d in jax.devices())}; running on {dev} ({dev.device_kind})")
     print(f"config {args.config}: UNet width {config.model.unet.inner_channels}, dtype {args.dtype}, "
-          f"batch {args.batch}, pair {h}x{w}")
+          f"batch {args.batch}, pair {h}x{w}; XLA compile options {compilation.compiler_options()}")
     fuser = Fuser(config=config, params=random_params(config), dtype=args.dtype)
     hb, wb = buckets.bucket_shape(h, w, fuser.bucket)
     rng = np.random.default_rng(0)
@@ -101,10 +114,26 @@ def main(argv: list[str] | None = None) -> int:
           f"achieved {tflops:.3f} TFLOP/s" + (f" = {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s peak"
                                              if peak else " (no peak known for this device: --peak-tflops)"))
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
-    else:
-        print("peak device memory: not reported by this backend")
+    peak_mem = stats.get("peak_bytes_in_use") if stats else None
+    print("peak device memory: " + (f"{peak_mem / 2**30:.2f} GiB" if peak_mem is not None
+                                    else "not reported by this backend"))
+    row = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), config=args.config,
+               width=int(config.model.unet.inner_channels), dtype=args.dtype, batch=args.batch, size=f"{h}x{w}",
+               caim_impl=config.model.head.caim_impl, attention_impl=config.model.unet.attention_impl,
+               bucket=f"{hb}x{wb}", compile_s=fuser.stats["compile_s"], first_batch_s=first, ms_per_batch=med * 1e3,
+               ms_per_pair=per_pair * 1e3, pairs_per_s=args.batch / med, gflop_per_pair=flops / args.batch / 1e9,
+               tflops=tflops, peak_tflops=peak, fraction_of_peak=tflops / peak if peak else None,
+               peak_device_bytes=peak_mem, xla_compiler_options=compilation.compiler_options())
+    print("\n| device | width | dtype | batch | pair | ms/pair | pairs/s | GFLOP/pair | TFLOP/s | % of peak "
+          "| peak memory |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {row['device']} | {row['width']} | {args.dtype} | {args.batch} | {h}x{w} | {per_pair * 1e3:.1f} | "
+          f"{row['pairs_per_s']:.3f} | {row['gflop_per_pair']:.1f} | {tflops:.3f} | "
+          + (f"{100 * tflops / peak:.1f}%" if peak else "n/a") + " | "
+          + (f"{peak_mem / 2**30:.2f} GiB" if peak_mem is not None else "n/a") + " |")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(row, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -12,6 +12,7 @@ count) or from --peak-tflops. Unknown devices (CPUs) print MFU only with --peak-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ def measure(stage_name: str, args) -> dict:
     import jax
     import numpy as np
 
+    from dmfuse_jax import compilation
     from dmfuse_jax.config_lib import load_config
     from dmfuse_jax.training.train import build_stage
     from dmfuse_jax.training.trainer import Trainer
@@ -89,7 +91,9 @@ def measure(stage_name: str, args) -> dict:
     return dict(stage=stage_name, device=f"{n_dev}x {kind}", width=args.width, batch=args.batch, size=args.size,
                 dtype=args.dtype, compile_s=compile_s, step_ms=dt * 1e3, images_per_s=args.batch / dt,
                 gflop_per_step=flops / 1e9, tflops=achieved,
-                mfu=(achieved / (peak * n_dev)) if peak else None, peak=peak)
+                mfu=(achieved / (peak * n_dev)) if peak else None, peak=peak, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                xla_compiler_options=compilation.compiler_options())
 
 
 def main(argv=None) -> int:
@@ -104,16 +108,23 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU")
+    p.add_argument("--json", help="also write the figures to this JSON file (atomically)")
     args = p.parse_args(argv)
     stages = ["pretrain", "fusion"] if args.stage == "both" else [args.stage]
+    rows = []
     for s in stages:
         r = measure(s, args)
+        rows.append(r)
         mfu = f"{100 * r['mfu']:.1f}% of {r['peak']:g} TFLOP/s/device" if r["mfu"] is not None else \
             "n/a (unknown peak: pass --peak-tflops)"
         print(f"{r['stage']:8s} {r['device']}  width {r['width']}  batch {r['batch']}  {r['size']}x{r['size']}  "
               f"{r['dtype']}: {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} images/s, "
               f"{r['gflop_per_step']:.1f} GFLOP/step, {r['tflops']:.3f} TFLOP/s, MFU {mfu} "
-              f"(compile {r['compile_s']:.1f} s)", flush=True)
+              f"(compile {r['compile_s']:.1f} s; XLA compile options {r['xla_compiler_options']})", flush=True)
+    if args.json:
+        from dmfuse_jax.data.images import write_text_atomic
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmfuse_jax import config_lib
+from dmfuse_jax import compilation, config_lib
 from dmfuse_jax.models import build_unet
 
 
@@ -45,9 +45,9 @@ def main(argv=None):
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3)),
                                    jnp.float32), NamedSharding(mesh, P("data")))
     g = jax.device_put(jnp.full((args.batch,), 0.5, jnp.float32), NamedSharding(mesh, P("data")))
-    params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), x[:1], g[:1])["params"],
+    params = compilation.jit(lambda: unet.init(jax.random.PRNGKey(0), x[:1], g[:1])["params"],
                      out_shardings=NamedSharding(mesh, P()))()
-    fwd = jax.jit(lambda p, x, g: unet.apply({"params": p}, x, g, taps=args.taps))
+    fwd = compilation.jit(lambda p, x, g: unet.apply({"params": p}, x, g, taps=args.taps))
     compiled = fwd.lower(params, x, g).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", float("nan")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import platform
 
+from dmfuse_jax import compilation
 from dmfuse_jax.config_lib import load_config
 
 
@@ -20,8 +21,7 @@ def count_params(tree) -> int:
 
 def compiled_flops(fn, *args) -> float:
     """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled program."""
-    import jax
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = compilation.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost.get("flops", float("nan")))

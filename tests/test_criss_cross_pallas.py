@@ -1,5 +1,9 @@
 """The Pallas criss-cross kernel against the jnp reference (interpret mode on CPU), the dispatcher,
-CAIM through the kernel against the authors' golden vectors, and GPU (Triton) lowering."""
+CAIM through the kernel against the authors' golden vectors, and GPU (Triton) lowering.
+
+On a GPU the same parity tests run the compiled Triton kernels (`INTERPRET` is False there), with
+full-precision float32 matmuls in the reference (no TF32), so `benchmarks/gpu_suite.sh kernel`
+checks the real kernels."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +18,8 @@ from dmfuse_jax.models.criss_cross import criss_cross_attention, criss_cross_ref
 from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
 
 from conftest import GOLDEN, WEIGHTS
+
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _inputs(shape, cq=4, cv=32, seed=0, dtype=jnp.float32):
@@ -32,7 +38,8 @@ def _out_and_grads(fn, q, k, v, ct):
     def run(q, k, v, ct):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(ct.astype(out.dtype))
-    return jax.jit(run)(q, k, v, ct)
+    with jax.default_matmul_precision("float32"):  # no TF32 in the reference on GPUs
+        return jax.jit(run)(q, k, v, ct)
 
 
 # (B, H, W), block: odd sizes (7x13), CAIM's golden size (12x20), a height-1 map (every column entry
@@ -44,7 +51,7 @@ CASES = [((2, 7, 13), 64), ((1, 12, 20), 64), ((1, 1, 5), 64), ((1, 19, 35), 16)
 @pytest.mark.parametrize("shape,block", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else f"block{c}")
 def test_kernel_matches_reference_outputs_and_gradients(shape, block):
     q, k, v, ct = _inputs(shape)
-    kernel = functools.partial(criss_cross_pallas, block=block, interpret=True)
+    kernel = functools.partial(criss_cross_pallas, block=block, interpret=INTERPRET)
     out, grads = _out_and_grads(kernel, q, k, v, ct)
     ref, ref_grads = _out_and_grads(criss_cross_reference, q, k, v, ct)
     assert out.shape == ref.shape and out.dtype == jnp.float32
@@ -57,7 +64,7 @@ def test_kernel_matches_reference_outputs_and_gradients(shape, block):
 def test_kernel_bf16_keeps_float32_statistics():
     """bf16 inputs: bf16 output, within bf16 rounding of the float32 result on the same inputs."""
     q, k, v, ct = _inputs((1, 12, 20), dtype=jnp.bfloat16)
-    out, grads = _out_and_grads(functools.partial(criss_cross_pallas, interpret=True), q, k, v, ct)
+    out, grads = _out_and_grads(functools.partial(criss_cross_pallas, interpret=INTERPRET), q, k, v, ct)
     assert out.dtype == jnp.bfloat16
     ref32 = criss_cross_reference(*(x.astype(jnp.float32) for x in (q, k, v)))
     err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref32)))
@@ -105,8 +112,9 @@ def test_caim_through_kernel_matches_authors_golden_vectors():
     template = jax.eval_shape(lambda: FusionHead().init(jax.random.PRNGKey(0), ir, vi))["params"]
     head = convert_fusion_head(load_torch_state_dict(str(WEIGHTS / "dmfuse_fusion_head.pth")), template)
     params = dict(head["crossatten"], gamma=np.ones(1, np.float32))
-    out_x, out_y = jax.jit(lambda p, x, y: CAIM(impl="pallas").apply({"params": p}, x, y))(
-        params, golden["x"], golden["y"])
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs
+        out_x, out_y = jax.jit(lambda p, x, y: CAIM(impl="pallas").apply({"params": p}, x, y))(
+            params, golden["x"], golden["y"])
     np.testing.assert_allclose(out_x, golden["out_x"], atol=1e-4, err_msg="infrared output")
     np.testing.assert_allclose(out_y, golden["out_y"], atol=1e-4, err_msg="visible output")
     assert float(np.abs(golden["out_x"] - golden["x"]).max()) > 0.1  # the attention term is visible

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import DATA
 
+from dmfuse_jax import compilation
 from dmfuse_jax.cli import main
 from dmfuse_jax.data.images import read_image
 from dmfuse_jax.inference import bundle as bundle_lib
@@ -61,6 +62,14 @@ def test_artefact_has_symbolic_batch_height_width(exported):
     assert set(exp.platforms) == {"cpu", "cuda"}
     meta = json.loads((folder / export_lib.META).read_text())
     assert meta["bucket_multiple"] == 64 and meta["min_size"] == 32 and meta["n_params"] == len(exp.in_avals) - 3
+    # the standalone loader compiles with the same XLA options as dmfuse (none listed for cuda)
+    assert meta["compiler_options"] == {"cpu": compilation.BACKEND_OPTIONS["cpu"]}
+
+
+def test_standalone_loader_uses_the_exports_compiler_options_on_cpu(exported):
+    loader = _import_loader(exported / export_lib.EXPORT_DIR / export_lib.LOADER)
+    fuser = loader.load(exported / export_lib.EXPORT_DIR)
+    assert fuser._compiler_options() == compilation.compiler_options()
 
 
 def test_standalone_loader_imports_only_jax_and_numpy():

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dmfuse_jax import compilation
+
 EXPORT_DIR = "export"
 ARTEFACT = "fuse.jaxexport"
 PARAMS = "params.npz"
@@ -66,6 +68,8 @@ def export_fuse(config, params, *, dtype: str | None = None, platforms: Sequence
         "input_range": cfg.model.input_range, "platforms": list(platforms),
         "jax_version": jax.__version__, "n_params": len(flat),
         "calling_convention_version": exported.calling_convention_version,
+        # per platform, the XLA options the loader compiles with (see dmfuse_jax/compilation.py)
+        "compiler_options": {p: dict(o) for p, o in compilation.BACKEND_OPTIONS.items() if p in platforms},
     }
     return exported, flat, meta
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dmfuse_jax import compilation
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import buckets, colour
 from dmfuse_jax.inference.colour import FuseInputError  # noqa: F401 - part of the API (bad arrays)
@@ -140,9 +141,8 @@ _EXECUTABLES: dict[tuple, Any] = {}
 
 @functools.lru_cache(maxsize=16)
 def _jitted(key: str):
-    import jax
     model, config = _model(key)
-    return jax.jit(fuse_function(model, config.model.input_range))
+    return compilation.jit(fuse_function(model, config.model.input_range))
 
 
 @dataclass

@@ -59,7 +59,18 @@ class ExportedFuser:
             arrays = [z[f"p{i:04d}"] for i in range(self.meta["n_params"])]
         self.params = [jnp.asarray(a.view(dtype) if a.dtype == np.uint16 else a) for a in arrays]
         self.multiple = int(self.meta["bucket_multiple"])
-        self._call = jax.jit(self.exported.call)
+        self._call = jax.jit(self.exported.call, compiler_options=self._compiler_options())
+
+    def _compiler_options(self):
+        """The export's XLA options for this backend, if this jaxlib knows them (else XLA's defaults)."""
+        options = self.meta.get("compiler_options", {}).get(jax.default_backend())
+        if not options or os.environ.get("DMFUSE_XLA_CPU_DEFAULTS", "").strip() not in ("", "0"):
+            return None
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.float32(0)).compile()
+        except Exception:
+            return None
+        return options
 
     def fuse_luma(self, ir, vi, seed=None):
         """ir, vi: (B, H, W, 1) float32 in [0, 1] -> (B, H, W, 1)."""

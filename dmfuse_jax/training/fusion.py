@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfuse_jax import compilation
 from dmfuse_jax.data.fusion_pairs import PairedPatchSource, preview_pairs, split_pairs
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.errors import UserError
@@ -144,7 +145,7 @@ class FusionStage:
             def fuse(params, frozen, ir, vi):
                 return self.model.apply({"params": {**frozen, **params}}, ir, vi,
                                         rngs={"noise": jax.random.PRNGKey(0)})
-            self._preview_fn = jax.jit(fuse, out_shardings=trainer.replicated)
+            self._preview_fn = compilation.jit(fuse, out_shardings=trainer.replicated)
         ir, vi = self._previews["ir"], self._previews["vi"]
         fused = np.asarray(jax.device_get(self._preview_fn(state.params, state.frozen, ir, vi)))
         lo = -1.0 if self.config.model.input_range == "-1_1" else 0.0

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfuse_jax import compilation
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform, TfdsSource
 from dmfuse_jax.diffusion.gaussian import ddpm_loss, p_sample_loop
@@ -91,7 +92,7 @@ class PretrainStage:
             def sample(params, key):
                 fn = lambda x, g: self.unet.apply({"params": params}, x, g)  # noqa: E731
                 return p_sample_loop(fn, key, shape, self.schedule, num_steps=int(p.get("sample_steps", 25)))
-            self._sampler = jax.jit(sample, out_shardings=trainer.replicated)
+            self._sampler = compilation.jit(sample, out_shardings=trainer.replicated)
         key = jax.random.PRNGKey(int(self.config.seed) + 7)
         x = np.asarray(jax.device_get(self._sampler(state.ema_params, key)))
         grid = image_grid((x + 1.0) * 0.5, cols=min(n, 8))

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import optax
 
+from dmfuse_jax import compilation
 from dmfuse_jax.data.pipeline import place_batch, train_dataset, train_iterator
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.training import sharding as shd
@@ -69,7 +70,7 @@ class Trainer:
         self.state_sharding = shd.state_shardings(self.abstract_state, self.mesh,
                                                   int(config.sharding.get("fsdp_min_size", 2 ** 18)))
         step_fn = make_train_step(stage, self.tx, float(config.optimizer.get("ema_decay", 0.0)))
-        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+        self.train_step = compilation.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
         self.workdir: Path | None = None
         self._writer = None
@@ -86,7 +87,7 @@ class Trainer:
         """Fresh state (params created directly with their shardings), then the stage's pretrained
         weights (stage 2: the UNet) put in place."""
         key = jax.random.PRNGKey(int(self.config.seed))
-        state = jax.jit(self._init_fn, out_shardings=self.state_sharding)(key)
+        state = compilation.jit(self._init_fn, out_shardings=self.state_sharding)(key)
         return self.stage.load_pretrained(state, self.state_sharding)
 
     def place(self, local_batch: dict) -> dict:

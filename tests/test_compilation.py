@@ -1,0 +1,68 @@
+"""dmfuse_jax.compilation: the per-jit XLA options (YNNPACK convolutions off on CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from dmfuse_jax import compilation  # noqa: E402
+
+
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _args():
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.normal(size=(2, 12, 12, 16)), jnp.float32),
+            jnp.asarray(rng.normal(size=(3, 3, 16, 8)), jnp.float32))
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    compilation._supported.cache_clear()
+    yield monkeypatch
+    compilation._supported.cache_clear()
+
+
+def test_cpu_gets_the_option_and_convolutions_stay_with_xla():
+    assert jax.default_backend() == "cpu"
+    options = compilation.compiler_options()
+    if options is None:
+        import jaxlib
+        pytest.skip(f"jaxlib {jaxlib.__version__} has no xla_cpu_experimental_ynn_fusion_type")
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    hlo = compilation.jit(_conv).lower(*_args()).compile().as_text()
+    # the convolution is XLA's own op, not a YNNPACK custom fusion
+    assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+
+
+def test_results_match_plain_jit():
+    x, w = _args()
+    np.testing.assert_allclose(np.asarray(compilation.jit(_conv)(x, w)), np.asarray(jax.jit(_conv)(x, w)),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_opt_out_environment_variable(fresh_probe):
+    fresh_probe.setenv(compilation.OPT_OUT_ENV, "1")
+    assert compilation.compiler_options() is None
+    fresh_probe.setenv(compilation.OPT_OUT_ENV, "0")
+    assert compilation.compiler_options() == compilation._supported("cpu")
+
+
+def test_unknown_option_falls_back_to_xla_defaults(fresh_probe):
+    fresh_probe.setitem(compilation.BACKEND_OPTIONS, "cpu", {"xla_cpu_no_such_option_for_dmfuse": "1"})
+    assert compilation.compiler_options() is None
+    x, w = _args()
+    assert compilation.jit(_conv)(x, w).shape == (2, 12, 12, 8)  # still compiles, with no options
+
+
+def test_caller_options_are_kept():
+    f = compilation.jit(_conv, compiler_options={"xla_cpu_enable_fast_math": False})
+    assert f(*_args()).shape == (2, 12, 12, 8)
+
+
+def test_no_options_for_other_backends():
+    assert compilation._supported("gpu") is None and compilation._supported("tpu") is None

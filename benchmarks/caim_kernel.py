@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax import compilation
+from dmfuse_jax.data.images import write_text_atomic
 from dmfuse_jax.models.criss_cross import criss_cross_reference
 from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
 
@@ -182,12 +180,7 @@ def main(argv=None) -> int:
                       f"analysed {fmt_bytes(r.get('analysed_bytes')) if r['status'] == 'ok' else r['status']}",
                       flush=True)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, model_rows=model_rows), f, indent=2)
-        os.replace(tmp, path)
+        write_text_atomic(args.json, json.dumps(dict(meta=meta, rows=rows, model_rows=model_rows), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

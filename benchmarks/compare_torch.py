@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dmfuse_jax import compilation  # noqa: E402
+from dmfuse_jax.data.images import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HEAD = ROOT.parent / "shared" / "weights" / "dmfuse_fusion_head.pth"
@@ -233,15 +233,6 @@ def markdown_table(results: list[dict], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true",
@@ -320,7 +311,7 @@ def main(argv=None) -> int:
           f"(on a shared CPU, other processes' load distorts the figures)")
     print(markdown_table(results, variants))
     if args.json:
-        write_json_atomic(args.json, dict(meta=meta, cases=results))
+        write_text_atomic(args.json, json.dumps(dict(meta=meta, cases=results), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -59,9 +59,18 @@ def test_unknown_option_falls_back_to_xla_defaults(fresh_probe):
     assert compilation.jit(_conv)(x, w).shape == (2, 12, 12, 8)  # still compiles, with no options
 
 
-def test_caller_options_are_kept():
+def test_caller_options_are_kept(monkeypatch):
+    seen = {}
+    real_jit = jax.jit
+
+    def spy(fun, **kwargs):
+        seen.update(kwargs.get("compiler_options") or {})
+        return real_jit(fun, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", spy)
     f = compilation.jit(_conv, compiler_options={"xla_cpu_enable_fast_math": False})
     assert f(*_args()).shape == (2, 12, 12, 8)
+    assert seen == {**(compilation.compiler_options() or {}), "xla_cpu_enable_fast_math": False}
 
 
 def test_no_options_for_other_backends():

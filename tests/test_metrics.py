@@ -6,6 +6,9 @@ import pytest
 from scipy import fft as sfft
 
 from dmfuse_jax.evaluation import metrics as M
+from dmfuse_jax.evaluation.metrics.gradient import _FMI_FEATURES
+from dmfuse_jax.evaluation.metrics.phase_congruency import _pc_bank
+from dmfuse_jax.evaluation.metrics.vifb import _mi_vifb
 
 from conftest import DATA
 
@@ -40,8 +43,10 @@ def scores(triple):
 def test_registry_names_order_and_references():
     assert list(M.METRICS) == EXPECTED_NAMES
     assert M.LOWER_IS_BETTER <= set(M.METRICS)
-    for name, fn in M.METRICS.items():
-        assert fn.__doc__ and "Ref" in fn.__doc__, f"{name} has no reference in its docstring"
+    for conv in M.CONVENTIONS.values():
+        assert list(conv.metrics) == EXPECTED_NAMES
+        for name, fn in conv.metrics.items():
+            assert fn.__doc__ and "Ref" in fn.__doc__, f"{name} ({fn.__name__}) has no reference in its docstring"
 
 
 def test_all_metrics_finite_on_real_images(scores):
@@ -83,7 +88,7 @@ def test_mi_of_a_copied_source_is_its_entropy_plus_the_cross_mi(triple):
     ir = ir.copy()
     ir[0, 0], ir[0, 1] = 0.0, 255.0  # full range: VIFB's min-max stretch leaves the image unchanged
     h_nats = M.entropy(None, None, ir) * np.log(2.0)
-    assert M.mutual_information(ir, vis, ir) == pytest.approx(h_nats + M._mi_vifb(vis, ir), abs=1e-10)
+    assert M.mutual_information(ir, vis, ir) == pytest.approx(h_nats + _mi_vifb(vis, ir), abs=1e-10)
 
 
 def test_entropy_matches_skimage(triple):
@@ -177,7 +182,7 @@ def _fmi_reference(a, b, f):
 @pytest.mark.parametrize("feature", ["none", "edge"])
 def test_vectorised_fmi_equals_a_literal_port_of_fmi_m(triple, feature):
     ir, vis, fused = (x[40:58, 60:80] for x in triple)
-    fa, fb, ff = (M._FMI_FEATURES[feature](x / 255.0) for x in (vis, ir, fused))
+    fa, fb, ff = (_FMI_FEATURES[feature](x / 255.0) for x in (vis, ir, fused))
     want = _fmi_reference(fa, fb, ff)
     assert M.fmi(ir, vis, fused, feature=feature) == pytest.approx(want, abs=1e-12)
 
@@ -193,7 +198,7 @@ def test_matlab_edge_finds_a_thin_vertical_step():
 
 @pytest.mark.parametrize("shape", [(48, 64), (47, 63)])
 def test_phase_congruency_noise_sums_equal_the_direct_ifft(shape):
-    filters, noise = M._pc_bank(*shape)
+    filters, noise = _pc_bank(*shape)
     for o in range(len(noise)):
         ifft = np.real(sfft.ifft2(filters[o].astype(np.float64), axes=(-2, -1))) * np.sqrt(shape[0] * shape[1])
         an2 = np.sum(ifft ** 2)
@@ -239,7 +244,8 @@ def test_luminance_mode_scores_the_bt601_luma_of_a_colour_image(triple):
     ir, vis, fused = (x / 255.0 for x in triple)
     rgb = np.stack([fused, 0.5 * fused, 1.0 - fused], -1)
     y = rgb_to_ycbcr(rgb)[..., 0]
-    assert M.evaluate_images(ir, vis, rgb, ["EN", "SD"]) == M.evaluate_images(ir, vis, y, ["EN", "SD"])
+    got = M.evaluate_images(ir, vis, rgb, ["EN", "SD"], color="luminance", convention="standard")
+    assert got == M.evaluate_images(ir, vis, y, ["EN", "SD"], convention="standard")
 
 
 def test_unknown_metric_or_colour_mode_is_rejected(triple):

@@ -11,6 +11,7 @@ from dmfuse_jax.evaluation.metrics.phase_congruency import _pc_bank
 from dmfuse_jax.evaluation.metrics.vifb import _mi_vifb
 
 from conftest import DATA
+from metrics_reference import fmi_reference
 
 EXPECTED_NAMES = ["EN", "SD", "PC", "FMI_pixel", "Qe", "Qabf", "MS_SSIM", "VIF", "SSIM", "MI", "SF", "AG",
                   "PSNR", "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv"]
@@ -126,64 +127,14 @@ def test_ms_ssim_rejects_images_too_small_for_five_scales():
         M.ms_ssim(x, x, x)
 
 
-# --- FMI: literal, loop-for-loop port of Haghighat's fmi.m (w = 3) as the reference
-
-
-def _fmi_window_reference(a_sub, f_sub):
-    if np.array_equal(a_sub, f_sub):
-        return 1.0
-
-    def pdf(s):
-        lo, hi = s.min(), s.max()
-        s = np.ones_like(s) if hi == lo else (s - lo) / (hi - lo)
-        return s.flatten(order="F") / s.sum()
-
-    a_pdf, f_pdf = pdf(a_sub), pdf(f_sub)
-    a_cdf, f_cdf = np.cumsum(a_pdf), np.cumsum(f_pdf)
-    at, ft = a_pdf - a_pdf.mean(), f_pdf - f_pdf.mean()
-    c = 0.0 if np.sum(at * ft) == 0 else np.sum(at * ft) / np.sqrt(np.sum(at * at) * np.sum(ft * ft))
-    i = np.arange(1, 10)
-    a_sd = abs(np.sqrt(complex(np.sum(i * i * a_pdf) - np.sum(i * a_pdf) ** 2)))
-    f_sd = abs(np.sqrt(complex(np.sum(i * i * f_pdf) - np.sum(i * f_pdf) ** 2)))
-    if c >= 0:
-        def bound(x, y):
-            return 0.0 if x < 0 or y < 0 else 0.5 * (f_cdf[x] + a_cdf[y] - abs(f_cdf[x] - a_cdf[y]))
-        zero = c == 0 or a_sd == 0 or f_sd == 0
-    else:
-        def bound(x, y):
-            return 0.0 if x < 0 or y < 0 else 0.5 * (f_cdf[x] + a_cdf[y] - 1 + abs(f_cdf[x] + a_cdf[y] - 1))
-        zero = a_sd == 0 or f_sd == 0
-    if zero:
-        mix = 0.0
-    else:
-        cov = sum(bound(x, y) - f_cdf[x] * a_cdf[y] for x in range(9) for y in range(9))
-        mix = c / (cov / (f_sd * a_sd))
-    joint = 0.0
-    for x in range(9):
-        for y in range(9):
-            p = mix * (bound(x, y) - bound(x - 1, y) - bound(x, y - 1) + bound(x - 1, y - 1)) \
-                + (1 - mix) * f_pdf[x] * a_pdf[y]
-            if p != 0:
-                joint += float(np.real(-p * np.log2(complex(p))))
-    ea = -np.sum(a_pdf[a_pdf > 0] * np.log2(a_pdf[a_pdf > 0]))
-    ef = -np.sum(f_pdf[f_pdf > 0] * np.log2(f_pdf[f_pdf > 0]))
-    mi = ea + ef - joint
-    return 0.0 if mi == 0 else 2 * mi / (ea + ef)
-
-
-def _fmi_reference(a, b, f):
-    h, w = f.shape
-    vals = [(_fmi_window_reference(a[p - 1:p + 2, q - 1:q + 2], f[p - 1:p + 2, q - 1:q + 2])
-             + _fmi_window_reference(b[p - 1:p + 2, q - 1:q + 2], f[p - 1:p + 2, q - 1:q + 2])) / 2
-            for p in range(1, h - 1) for q in range(1, w - 1)]
-    return float(np.mean(vals))
+# --- FMI: literal, loop-for-loop port of Haghighat's fmi.m (w = 3) as the reference (metrics_reference.py)
 
 
 @pytest.mark.parametrize("feature", ["none", "edge"])
 def test_vectorised_fmi_equals_a_literal_port_of_fmi_m(triple, feature):
     ir, vis, fused = (x[40:58, 60:80] for x in triple)
     fa, fb, ff = (_FMI_FEATURES[feature](x / 255.0) for x in (vis, ir, fused))
-    want = _fmi_reference(fa, fb, ff)
+    want = fmi_reference(fa, fb, ff)
     assert M.fmi(ir, vis, fused, feature=feature) == pytest.approx(want, abs=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""Independent reference formulations of the 20 fusion metrics, to check `dmfuse_jax.evaluation.metrics`.
+"""Independent reference formulations of the 21 fusion metrics, to check `dmfuse_jax.evaluation.metrics`.
 
 The VIFB metrics are line-by-line transcriptions of the VIFB toolbox's MATLAB (github.com/xingchenzhang/
 VIFB, metrics/metrics*.m): explicit loops where MATLAB loops, MATLAB's conv2 / filter2 / imfilter /
@@ -472,6 +472,74 @@ def qe(vis, ir, fused):
     return _q_w(ir, vis, fused) * _q_w(edge(ir), edge(vis), edge(fused))
 
 
+def _mef_ssim(seq, fI, K=0.03):
+    """mef_ssim.m, loop for loop (window by window, norm(), the Gaussian-weighted statistics)."""
+    window = fspecial_gaussian(11, 1.5)
+    eps = np.finfo(float).eps
+    s1, s2, s3 = seq.shape
+    wsize, bd = 11, 5
+    swin = np.ones((wsize, wsize)) / wsize ** 2
+    mu = np.zeros((s1 - 2 * bd, s2 - 2 * bd, s3))
+    ed = np.zeros_like(mu)
+    for i in range(s3):
+        img = seq[:, :, i]
+        mu[:, :, i] = filter2(swin, img, "valid")
+        sigma_sq = filter2(swin, img * img, "valid") - mu[:, :, i] ** 2
+        ed[:, :, i] = np.sqrt(np.maximum(wsize ** 2 * sigma_sq, 0)) + 0.001
+    R = np.zeros((s1 - 2 * bd, s2 - 2 * bd))
+    for i in range(bd, s1 - bd):
+        for j in range(bd, s2 - bd):
+            vecs = seq[i - bd:i + bd + 1, j - bd:j + bd + 1, :].reshape(wsize * wsize, s3, order="F")
+            den = sum(np.linalg.norm(vecs[:, k] - mu[i - bd, j - bd, k]) for k in range(s3))
+            sv = vecs.sum(1)
+            R[i - bd, j - bd] = (np.linalg.norm(sv - sv.mean()) + eps) / (den + eps)
+    R[R > 1] = 1 - eps
+    R[R < 0] = 0 + eps
+    p = np.tan(np.pi / 2 * R)
+    p[p > 10] = 10
+    w_map = (ed / wsize) ** p[:, :, None] + eps
+    w_map = w_map / w_map.sum(2, keepdims=True)
+    max_ed = ed.max(2)
+    C = (K * 255) ** 2
+    q_map = np.zeros_like(R)
+    wv = window.flatten(order="F")
+    for i in range(bd, s1 - bd):
+        for j in range(bd, s2 - bd):
+            blocks = seq[i - bd:i + bd + 1, j - bd:j + bd + 1, :]
+            r_block = np.zeros((wsize, wsize))
+            for k in range(s3):
+                r_block += w_map[i - bd, j - bd, k] * (blocks[:, :, k] - mu[i - bd, j - bd, k]) / ed[i - bd, j - bd, k]
+            if np.linalg.norm(r_block) > 0:
+                r_block = r_block / np.linalg.norm(r_block) * max_ed[i - bd, j - bd]
+            r_vec = r_block.flatten(order="F")
+            f_vec = fI[i - bd:i + bd + 1, j - bd:j + bd + 1].flatten(order="F")
+            mu1, mu2 = np.sum(wv * r_vec), np.sum(wv * f_vec)
+            s1sq, s2sq = np.sum(wv * (r_vec - mu1) ** 2), np.sum(wv * (f_vec - mu2) ** 2)
+            s12 = np.sum(wv * (r_vec - mu1) * (f_vec - mu2))
+            q_map[i - bd, j - bd] = (2 * s12 + C) / (s1sq + s2sq + C)
+    return q_map.mean()
+
+
+def ms_ssim_mef(vis, ir, fused):
+    """analysis_ms_ssim.m (level 3, weights [0.0448 0.2856 0.3001] / sum) on imgSeq = (ir, vis)."""
+    weight = np.array([0.0448, 0.2856, 0.3001])
+    weight = weight / weight.sum()
+    seq, f = np.stack([ir, vis], -1), fused
+
+    def down(x):  # imfilter(x, ones(2)/4, 'symmetric', 'same'); x(1:2:end, 1:2:end)
+        m, n = x.shape
+        xp = np.pad(x, 1, mode="symmetric")
+        return np.array([[xp[i + 1:i + 3, j + 1:j + 3].mean() for j in range(n)] for i in range(m)])[0::2, 0::2]
+
+    Q = []
+    for level in range(3):
+        Q.append(_mef_ssim(seq, f))
+        if level < 2:
+            seq = np.stack([down(seq[:, :, k]) for k in range(seq.shape[2])], -1)
+            f = down(f)
+    return float(np.prod(np.array(Q) ** weight))
+
+
 # --- FMI: literal port of Haghighat's fmi.m (w = 3), window by window
 
 
@@ -652,7 +720,8 @@ def fmi_pixel(vis, ir, fused):
     return fmi_reference(fa, fb, ff)
 
 
-OTHERS = {"CC": cc, "SCD": scd, "MS_SSIM": ms_ssim, "VIF": viff, "Qe": qe, "PC": pc, "FMI_pixel": fmi_pixel}
+OTHERS = {"CC": cc, "SCD": scd, "MS_SSIM": ms_ssim, "VIF": viff, "Qe": qe, "PC": pc, "FMI_pixel": fmi_pixel,
+          "MS_SSIM_MEF": ms_ssim_mef}
 
 
 def hand_made_triple(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -675,6 +744,7 @@ def hand_made_triple(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray,
 # ------------------------------------------------------------------------------------ comparison
 
 GREY_SHAPES = ((20, 24, 0), (23, 19, 1))   # odd and even sizes; partial 16x16 Qcv blocks
+MEF_SHAPE = (45, 50, 4)                    # 3-scale MEF-SSIM needs 44 pixels per side
 LARGE_SHAPE = (176, 180, 2)                # MS-SSIM needs 176 pixels per side (5 scales)
 LARGE_ONLY = ("MS_SSIM", "VIF")
 
@@ -692,10 +762,12 @@ def largest_relative_differences() -> dict[str, float]:
     table = M.CONVENTIONS["vifb"].metrics
     refs = {**VIFB, **OTHERS}
     worst = {name: 0.0 for name in table}
-    for h, w, seed in (LARGE_SHAPE,) + GREY_SHAPES:
+    for h, w, seed in (LARGE_SHAPE, MEF_SHAPE) + GREY_SHAPES:
         vis, ir, fused = hand_made_triple(h, w, seed)
         for name in table:
             if (name in LARGE_ONLY) != ((h, w, seed) == LARGE_SHAPE):
+                continue
+            if (name == "MS_SSIM_MEF") != ((h, w, seed) == MEF_SHAPE):
                 continue
             got = table[name](ir, vis, fused)
             worst[name] = max(worst[name], _rel(got, refs[name](vis, ir, fused)))

@@ -57,7 +57,7 @@ def test_end_to_end_writes_csv_markdown_and_plots(folders, tmp_path, capsys):
     for png in (out / "radar.png", out / "radar_bars.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "scored 3 pair(s) x 2 method(s) x 20 metric(s)" in printed and "s wall" in printed
+    assert "scored 3 pair(s) x 2 method(s) x 21 metric(s)" in printed and "s wall" in printed
     assert "convention: vifb, colour: per-channel" in printed
     # the means in the markdown are the CSV's means
     en_avg = np.mean([float(r["EN"]) for r in rows if r["method"] == "average"])

@@ -14,9 +14,9 @@ from conftest import DATA
 from metrics_reference import fmi_reference
 
 EXPECTED_NAMES = ["EN", "SD", "PC", "FMI_pixel", "Qe", "Qabf", "MS_SSIM", "VIF", "SSIM", "MI", "SF", "AG",
-                  "PSNR", "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv"]
+                  "PSNR", "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv", "MS_SSIM_MEF"]
 SYMMETRIC = ["EN", "SD", "PC", "FMI_pixel", "Qe", "Qabf", "MS_SSIM", "SSIM", "MI", "SF", "AG", "PSNR",
-             "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv"]  # VIF picks a source on ties of its gain
+             "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv", "MS_SSIM_MEF"]  # VIF picks a source on ties of its gain
 
 
 def _tno(stem: str, crop=(slice(150, 342), slice(200, 392))) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +125,8 @@ def test_ms_ssim_rejects_images_too_small_for_five_scales():
     x = np.zeros((100, 300))
     with pytest.raises(ValueError, match="176"):
         M.ms_ssim(x, x, x)
+    with pytest.raises(ValueError, match="44"):
+        M.ms_ssim_mef(x[:40], x[:40], x[:40])
 
 
 # --- FMI: literal, loop-for-loop port of Haghighat's fmi.m (w = 3) as the reference (metrics_reference.py)

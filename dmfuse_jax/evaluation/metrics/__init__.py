@@ -20,8 +20,9 @@ Workshops 2020, github.com/xingchenzhang/VIFB, `metrics/metrics*.m`):
 Both share everything else (VIFB's filters, paddings, bins; Qabf with VIFB's edge orientation). The
 metrics VIFB does not define follow the MATLAB code the field uses: Z. Liu's imageFusionMetrics (PC
 via Kovesi's phase congruency, Qe via `ssim_index`), Haghighat's fmi.m as analysis_Reference.m calls
-it (FMI_pixel), Han's VIFF_Public.m (VIF) and Wang's msssim.m (MS_SSIM; docs/evaluation.md lists the
-MS-SSIM variants). Each docstring says which.
+it (FMI_pixel), Han's VIFF_Public.m (VIF), Wang's msssim.m (MS_SSIM) and Ma et al.'s
+analysis_ms_ssim.m (MS_SSIM_MEF, the variant behind the DMFuse paper's MS-SSIM; docs/evaluation.md
+lists the MS-SSIM variants). Each docstring says which.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import numpy as np
 from dmfuse_jax.evaluation.metrics._common import ssim_single, to_8bit_grey
 from dmfuse_jax.evaluation.metrics.gradient import fmi, fmi_pixel, matlab_edge_sobel, qabf, qe
 from dmfuse_jax.evaluation.metrics.phase_congruency import phase_congruency, phase_congruency_metric
-from dmfuse_jax.evaluation.metrics.similarity import correlation_coefficient, ms_ssim, ms_ssim_single, scd, vif
+from dmfuse_jax.evaluation.metrics.similarity import (
+    correlation_coefficient, ms_ssim, ms_ssim_mef, ms_ssim_single, scd, vif)
 from dmfuse_jax.evaluation.metrics.vifb import (
     average_gradient, cross_entropy, edge_intensity, entropy, mutual_information,
     mutual_information_bits, psnr, psnr_vifb, qcb, qcv, rmse, rmse_vifb, spatial_frequency,
@@ -46,7 +48,7 @@ ColourMetric = Callable[[list[np.ndarray]], float]
 # ----------------------------------------------------------------------------------- registry
 
 # CSV name -> metric under the 'vifb' convention. The order is the CSV's column order: DMFuse's
-# eight, then the rest.
+# eight (with Wang's MS-SSIM), the rest, then the paper's own MS-SSIM variant.
 _VIFB_METRICS: dict[str, Metric] = {
     "EN": entropy,
     "SD": standard_deviation,
@@ -68,6 +70,7 @@ _VIFB_METRICS: dict[str, Metric] = {
     "CC": correlation_coefficient,
     "Qcb": qcb,
     "Qcv": qcv,
+    "MS_SSIM_MEF": ms_ssim_mef,  # appended: earlier CSVs keep their column positions
 }
 
 # Where the textbook departs from VIFB.
@@ -187,7 +190,8 @@ def evaluate_images(ir01: np.ndarray, vis01: np.ndarray, fused01: np.ndarray,
 __all__ = [
     "COLOR_MODES", "CONVENTIONS", "Convention", "DEFAULT_CONVENTION", "LOWER_IS_BETTER", "METRICS", "Metric",
     "average_gradient", "correlation_coefficient", "cross_entropy", "edge_intensity", "entropy",
-    "evaluate_images", "fmi", "get_convention", "fmi_pixel", "matlab_edge_sobel", "ms_ssim", "ms_ssim_single",
+    "evaluate_images", "fmi", "get_convention", "fmi_pixel", "matlab_edge_sobel", "ms_ssim", "ms_ssim_mef",
+    "ms_ssim_single",
     "mutual_information", "mutual_information_bits", "phase_congruency", "phase_congruency_metric", "psnr",
     "psnr_vifb", "qabf", "qcb", "qcv", "qe", "rmse", "rmse_vifb", "scd", "spatial_frequency",
     "spatial_frequency_side_by_side", "ssim_single", "standard_deviation", "structural_similarity",

@@ -172,4 +172,4 @@ def test_one_method_plot_falls_back_to_bars_and_a_reference_csv_restores_the_rad
     assert abs(w - h) < 0.25 * w  # the square polar figure, not the 3-panel bar strip
     # a reference scored under another convention is refused before any scoring
     _expect_error(capsys, argv + ["--convention", "standard", "--reference", str(ref / "m.csv")],
-                  str(ref / "m.csv"), "convention vifb", "--convention standard")
+                  str(ref / "m.csv"), "convention vifb, color per-channel", "--convention standard --color luminance")

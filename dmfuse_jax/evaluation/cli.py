@@ -156,19 +156,21 @@ def _score_all(tasks: list[Task], metric_names: list[str], color: str, conventio
     return [row for rows in results for row in rows]
 
 
-def _read_reference(path: str, metric_names: list[str], convention: str):
+def _read_reference(path: str, metric_names: list[str], scoring: dict[str, str]):
     """--reference CSV -> its per-method summary; UserError naming the file when it cannot serve."""
     from dmfuse_jax.evaluation import report
 
     try:
-        rows, metrics, scoring = report.read_csv(path)
+        rows, metrics, ref_scoring = report.read_csv(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read the --reference CSV: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: {e}") from None
-    if scoring.get("convention") != convention:
-        raise UserError(f"{path}: scored with convention {scoring.get('convention', '(not recorded)')}, "
-                        f"this run uses {convention}; re-score the reference with --convention {convention}")
+    if ref_scoring != scoring:  # numbers under other conventions are not comparable
+        def fmt(d):
+            return ", ".join(f"{k} {d.get(k, '(not recorded)')}" for k in scoring)
+        raise UserError(f"{path}: scored with {fmt(ref_scoring)}; this run uses {fmt(scoring)}; re-score the "
+                        f"reference with --convention {scoring['convention']} --color {scoring['color']}")
     missing = [m for m in metric_names if m not in metrics]
     if missing:
         raise UserError(f"{path}: no column for metric(s) {', '.join(missing)}")
@@ -200,7 +202,10 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers: must be >= 0, got {args.workers}")
     color = args.color or CONVENTIONS[args.convention].color
-    reference = _read_reference(args.reference, metric_names, args.convention) if args.reference else None
+    scoring = {"convention": args.convention, "color": color}
+    if args.reference and not args.plot:
+        raise UserError("--reference: only the radar plot uses it; add --plot OUT.png")
+    reference = _read_reference(args.reference, metric_names, scoring) if args.reference else None
     methods, tasks = build_tasks(args.ir, args.vis, args.fused)
     workers = args.workers or _default_workers(len(tasks))
     workers = min(workers, len(tasks))
@@ -210,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (order[r["method"]], r["image"]))
 
-    scoring = {"convention": args.convention, "color": color}
     report.write_bytes_atomic(args.csv, report.csv_text(rows, metric_names, scoring).encode())
     summary = report.summarize(rows, metric_names)
     print(report.text_table(summary, metric_names))

@@ -144,7 +144,7 @@ def _save_figure_atomic(fig, path: str | os.PathLike) -> None:
 def radar_plot(summary: Summary, metrics: list[str], path: str | os.PathLike, title: str = "",
                reference: Summary | None = None) -> str:
     """Radar chart of the per-metric normalised scores (outer = better), the `reference` methods (for
-    instance the classical baselines' summary) drawn as grey dashed outlines and included in the
+    instance the classical baselines' summary) drawn as grey broken outlines and included in the
     normalisation. Min-max scaling needs two methods to compare: with a single method and no
     reference every metric would sit on the outer ring, so the bar chart is written instead.
     Returns what was written: 'radar' or 'bars'."""
@@ -162,10 +162,12 @@ def radar_plot(summary: Summary, metrics: list[str], path: str | os.PathLike, ti
     closed = np.append(angles, angles[0])
     fig = plt.figure(figsize=(7.5, 7.5))
     ax = fig.add_subplot(111, projection="polar")
+    ref_styles = [(ls, grey) for grey in ("0.35", "0.6") for ls in ("--", ":", "-.")]
     for method, s in scores.items():
         vals = np.append(s, s[0])
         if method in reference:
-            ax.plot(closed, vals, linewidth=1.0, linestyle="--", color="0.55", label=f"{method} (reference)")
+            ls, grey = ref_styles[list(reference).index(method) % len(ref_styles)]
+            ax.plot(closed, vals, linewidth=1.2, linestyle=ls, color=grey, label=f"{method} (reference)")
         else:
             ax.plot(closed, vals, linewidth=1.8, label=method)
             ax.fill(closed, vals, alpha=0.12)

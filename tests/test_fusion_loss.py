@@ -156,5 +156,6 @@ def test_paper_loss_matches_an_independent_formulation_of_design_section_5():
     l_ssim = np.mean([0.5 * (1 - _np_ssim_map(x, y, c1, c2, "valid").mean())
                       + 0.5 * (1 - _np_ssim_map(z, y, c1, c2, "valid").mean()) for x, z, y in zip(ir64, vi64, f64)])
     g_ir, g_vi, g_f = (np.stack([_np_sobel(x) for x in t]) for t in (ir64, vi64, f64))
-    want = 1 * l_ssim + 4 * np.mean(np.abs(f64 - (ir64 + vi64) / 2)) + 20 * np.mean(np.abs(g_f - np.maximum(g_ir, g_vi)))
+    l_int = np.mean(np.abs(f64 - (ir64 + vi64) / 2))
+    want = 1 * l_ssim + 4 * l_int + 20 * np.mean(np.abs(g_f - np.maximum(g_ir, g_vi)))
     assert float(got) == pytest.approx(want, rel=2e-5)

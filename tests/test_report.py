@@ -23,7 +23,8 @@ def test_reference_methods_join_the_scaling_worked_by_hand():
 
 
 def test_csv_round_trip_keeps_metrics_and_scoring(tmp_path):
-    rows = [{"method": "a", "image": "01", "EN": 6.5, "SD": 30.25}, {"method": "a", "image": "02", "EN": 7.0, "SD": 1e-3}]
+    rows = [{"method": "a", "image": "01", "EN": 6.5, "SD": 30.25},
+            {"method": "a", "image": "02", "EN": 7.0, "SD": 1e-3}]
     path = tmp_path / "s.csv"
     path.write_text(report.csv_text(rows, ["EN", "SD"], {"convention": "vifb", "color": "per-channel"}))
     back, metrics, scoring = report.read_csv(path)

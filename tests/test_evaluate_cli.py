@@ -46,16 +46,19 @@ def test_end_to_end_writes_csv_markdown_and_plots(folders, tmp_path, capsys):
     assert rc == 0
     with open(out / "m.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["method", "image", *METRICS]
+    assert list(rows[0]) == ["method", "image", *METRICS, "convention", "color"]
+    assert {(r["convention"], r["color"]) for r in rows} == {("vifb", "per-channel")}
     assert [(r["method"], r["image"]) for r in rows] == [(m, s) for m in ("average", "max") for s in STEMS]
     values = np.array([[float(r[m]) for m in METRICS] for r in rows])
     assert np.isfinite(values).all()
     md = (out / "t.md").read_text()
-    assert md.startswith("| metric | average | max |") and md.count("\n") == len(METRICS) + 2
+    assert md.startswith("| metric | average | max |") and md.count("\n") == len(METRICS) + 4
+    assert md.endswith("Scored with convention: vifb, color: per-channel.\n")
     for png in (out / "radar.png", out / "radar_bars.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "scored 3 pair(s) x 2 method(s) x 20 metric(s)" in printed and "s wall" in printed
+    assert "scored 3 pair(s) x 2 method(s) x 21 metric(s)" in printed and "s wall" in printed
+    assert "convention: vifb, colour: per-channel" in printed
     # the means in the markdown are the CSV's means
     en_avg = np.mean([float(r["EN"]) for r in rows if r["method"] == "average"])
     assert f"{en_avg:.4f}" in md
@@ -66,7 +69,7 @@ def test_metric_subset_with_worker_pool_gives_the_same_numbers(folders, tmp_path
     assert main(_args(folders, out1, "--metrics", "EN,Qabf,MI", "--workers", "1")) == 0
     assert main(_args(folders, out2, "--metrics", "EN,Qabf,MI", "--workers", "2")) == 0
     text1, text2 = (out1 / "m.csv").read_text(), (out2 / "m.csv").read_text()
-    assert text1.splitlines()[0] == "method,image,EN,Qabf,MI"
+    assert text1.splitlines()[0] == "method,image,EN,Qabf,MI,convention,color"
     assert text1 == text2
 
 
@@ -134,3 +137,39 @@ def test_image_too_small_for_ms_ssim_names_the_file(tmp_path, capsys):
         write_image_atomic(tmp_path / d / "a.png", np.random.default_rng(0).random((64, 64)))
     argv = _args(tmp_path, tmp_path, "--metrics", "EN,MS_SSIM", "--workers", "1", fused=("tiny",))
     _expect_error(capsys, argv, str(tmp_path / "fused" / "tiny" / "a.png"), "176")
+
+
+def test_convention_changes_only_the_metrics_where_vifb_departs_from_the_textbook(folders, tmp_path):
+    names = "EN,Qabf,SSIM,MI,PSNR,RMSE"
+    out_v, out_s = tmp_path / "v", tmp_path / "s"
+    assert main(_args(folders, out_v, "--metrics", names, "--workers", "1")) == 0
+    assert main(_args(folders, out_s, "--metrics", names, "--workers", "1", "--convention", "standard")) == 0
+    read = lambda d: list(csv.DictReader(open(d / "m.csv", newline="")))  # noqa: E731
+    vifb, std = read(out_v), read(out_s)
+    assert {r["convention"] for r in std} == {"standard"} and {r["color"] for r in std} == {"luminance"}
+    for rv, rs in zip(vifb, std):
+        assert rv["EN"] == rs["EN"] and rv["Qabf"] == rs["Qabf"]  # shared definitions
+        assert float(rv["SSIM"]) == pytest.approx(2 * float(rs["SSIM"]), rel=1e-12)  # sum vs mean
+        # 192x192 images: VIFB's helper is sqrt(sum d^2) / N = RMSE / sqrt(N), N = 192 * 192
+        assert float(rv["RMSE"]) < float(rs["RMSE"]) / 100
+        assert float(rv["PSNR"]) > float(rs["PSNR"]) + 20
+
+
+def test_one_method_plot_falls_back_to_bars_and_a_reference_csv_restores_the_radar(folders, tmp_path, capsys):
+    from PIL import Image
+
+    ref = tmp_path / "ref"
+    assert main(_args(folders, ref, "--metrics", "EN,SD,Qabf", "--workers", "1", fused=("average",))) == 0
+    out = tmp_path / "one"
+    argv = _args(folders, out, "--metrics", "EN,SD,Qabf", "--workers", "1", "--plot", str(out / "p.png"),
+                 fused=("max",))
+    assert main(argv) == 0
+    assert "bar chart in place of the radar" in capsys.readouterr().out
+    assert (out / "p.png").read_bytes() == (out / "p_bars.png").read_bytes()
+    assert main(argv + ["--reference", str(ref / "m.csv")]) == 0
+    assert "in place of the radar" not in capsys.readouterr().out
+    w, h = Image.open(out / "p.png").size
+    assert abs(w - h) < 0.25 * w  # the square polar figure, not the 3-panel bar strip
+    # a reference scored under another convention is refused before any scoring
+    _expect_error(capsys, argv + ["--convention", "standard", "--reference", str(ref / "m.csv")],
+                  str(ref / "m.csv"), "convention vifb, color per-channel", "--convention standard --color luminance")

@@ -81,3 +81,81 @@ def test_unknown_options_are_rejected():
     with pytest.raises(ValueError):
         fusion_loss_config("other")
     assert isinstance(fusion_loss_config("released_code"), ml_collections.ConfigDict)
+
+
+# --- independent numpy formulation of the two variants (authors' loss.py for 'released_code',
+# DESIGN.md section 5 for 'paper'), with scipy's 2-D correlation in place of the separable lax convs.
+
+def _np_ssim_map(a, b, c1, c2, mode):
+    """Gaussian (11, 1.5) SSIM map of 2-D float64 images; mode 'same' = zero padding (torch conv2d with
+    padding 5), 'valid' = positions where the window fits."""
+    from scipy import ndimage
+
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def filt(x):
+        y = ndimage.correlate(x, w, mode="constant", cval=0.0)
+        return y if mode == "same" else y[5:-5, 5:-5]
+
+    mu_a, mu_b = filt(a), filt(b)
+    saa, sbb, sab = filt(a * a) - mu_a ** 2, filt(b * b) - mu_b ** 2, filt(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+
+
+def _np_sobel(x):
+    from scipy import ndimage
+
+    kx = np.array([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+    ky = np.array([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])  # loss.py's kernely
+    return np.abs(ndimage.correlate(x, kx, mode="constant")) + np.abs(ndimage.correlate(x, ky, mode="constant"))
+
+
+def _np_released_loss(f, ir, vi, per_image_weights=False):
+    """loss.py's g_content_loss: 10 (1 - (wA ssim(ir, F) + wB ssim(vi, F))) + 16 L_grad + 14 L_int,
+    wA = mean(grad ir) / (mean(grad ir) + mean(grad vi)) over the BATCH (torch.mean of the 4-D tensor),
+    ssim = mean of the zero-padded SSIM map over the batch, C1 = 0.01^2, C2 = 0.03^2."""
+    f, ir, vi = (np.asarray(t, np.float64)[..., 0] for t in (f, ir, vi))
+    s_ir = np.array([_np_ssim_map(a, b, 1e-4, 9e-4, "same").mean() for a, b in zip(ir, f)])
+    s_vi = np.array([_np_ssim_map(a, b, 1e-4, 9e-4, "same").mean() for a, b in zip(vi, f)])
+    g_ir, g_vi, g_f = (np.stack([_np_sobel(x) for x in t]) for t in (ir, vi, f))
+    if per_image_weights:  # the old (wrong) reading, to show the test tells them apart
+        m_ir, m_vi = g_ir.mean(axis=(1, 2)), g_vi.mean(axis=(1, 2))
+    else:
+        m_ir, m_vi = g_ir.mean(), g_vi.mean()
+    w_ir, w_vi = m_ir / (m_ir + m_vi), m_vi / (m_ir + m_vi)
+    ssim_term = np.mean(1.0 - (w_ir * s_ir + w_vi * s_vi))
+    l_int = np.mean(np.abs(f - np.maximum(ir, vi)))
+    l_grad = np.mean(np.abs(g_f - np.maximum(g_ir, g_vi)))
+    return 10 * ssim_term + 16 * l_grad + 14 * l_int
+
+
+def _sharp_and_smooth_batch():
+    """Two pairs whose sharpness ratios differ, so per-image and batch-mean SSIM weights disagree."""
+    ir, vi, f = (np.array(_img(s, (2, 24, 20, 1))) for s in (11, 12, 13))
+    vi[1] = 0.1 * vi[1]  # second pair: a nearly flat visible image
+    f = 0.5 * f + 0.5 * ir
+    return ir, vi, f
+
+
+def test_released_code_loss_matches_an_independent_formulation_of_loss_py():
+    ir, vi, f = _sharp_and_smooth_batch()
+    got, _ = fusion_loss_from_config(jnp.asarray(f), jnp.asarray(ir), jnp.asarray(vi),
+                                     fusion_loss_config("released_code"))
+    want = _np_released_loss(f, ir, vi)
+    assert float(got) == pytest.approx(want, rel=2e-5)
+    # the test can tell batch-mean weights from per-image ones
+    assert abs(_np_released_loss(f, ir, vi, per_image_weights=True) - want) > 1e-3 * want
+
+
+def test_paper_loss_matches_an_independent_formulation_of_design_section_5():
+    ir, vi, f = _sharp_and_smooth_batch()
+    got, _ = fusion_loss_from_config(jnp.asarray(f), jnp.asarray(ir), jnp.asarray(vi), fusion_loss_config("paper"))
+    f64, ir64, vi64 = (t[..., 0].astype(np.float64) for t in (f, ir, vi))
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # data range 2 for [-1, 1]
+    l_ssim = np.mean([0.5 * (1 - _np_ssim_map(x, y, c1, c2, "valid").mean())
+                      + 0.5 * (1 - _np_ssim_map(z, y, c1, c2, "valid").mean()) for x, z, y in zip(ir64, vi64, f64)])
+    g_ir, g_vi, g_f = (np.stack([_np_sobel(x) for x in t]) for t in (ir64, vi64, f64))
+    l_int = np.mean(np.abs(f64 - (ir64 + vi64) / 2))
+    want = 1 * l_ssim + 4 * l_int + 20 * np.mean(np.abs(g_f - np.maximum(g_ir, g_vi)))
+    assert float(got) == pytest.approx(want, rel=2e-5)

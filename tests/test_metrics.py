@@ -6,13 +6,17 @@ import pytest
 from scipy import fft as sfft
 
 from dmfuse_jax.evaluation import metrics as M
+from dmfuse_jax.evaluation.metrics.gradient import _FMI_FEATURES
+from dmfuse_jax.evaluation.metrics.phase_congruency import _pc_bank
+from dmfuse_jax.evaluation.metrics.vifb import _mi_vifb
 
 from conftest import DATA
+from metrics_reference import fmi_reference
 
 EXPECTED_NAMES = ["EN", "SD", "PC", "FMI_pixel", "Qe", "Qabf", "MS_SSIM", "VIF", "SSIM", "MI", "SF", "AG",
-                  "PSNR", "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv"]
+                  "PSNR", "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv", "MS_SSIM_MEF"]
 SYMMETRIC = ["EN", "SD", "PC", "FMI_pixel", "Qe", "Qabf", "MS_SSIM", "SSIM", "MI", "SF", "AG", "PSNR",
-             "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv"]  # VIF picks a source on ties of its gain
+             "RMSE", "CE", "EI", "SCD", "CC", "Qcb", "Qcv", "MS_SSIM_MEF"]  # VIF picks a source on ties of its gain
 
 
 def _tno(stem: str, crop=(slice(150, 342), slice(200, 392))) -> tuple[np.ndarray, np.ndarray]:
@@ -40,8 +44,10 @@ def scores(triple):
 def test_registry_names_order_and_references():
     assert list(M.METRICS) == EXPECTED_NAMES
     assert M.LOWER_IS_BETTER <= set(M.METRICS)
-    for name, fn in M.METRICS.items():
-        assert fn.__doc__ and "Ref" in fn.__doc__, f"{name} has no reference in its docstring"
+    for conv in M.CONVENTIONS.values():
+        assert list(conv.metrics) == EXPECTED_NAMES
+        for name, fn in conv.metrics.items():
+            assert fn.__doc__ and "Ref" in fn.__doc__, f"{name} ({fn.__name__}) has no reference in its docstring"
 
 
 def test_all_metrics_finite_on_real_images(scores):
@@ -83,7 +89,7 @@ def test_mi_of_a_copied_source_is_its_entropy_plus_the_cross_mi(triple):
     ir = ir.copy()
     ir[0, 0], ir[0, 1] = 0.0, 255.0  # full range: VIFB's min-max stretch leaves the image unchanged
     h_nats = M.entropy(None, None, ir) * np.log(2.0)
-    assert M.mutual_information(ir, vis, ir) == pytest.approx(h_nats + M._mi_vifb(vis, ir), abs=1e-10)
+    assert M.mutual_information(ir, vis, ir) == pytest.approx(h_nats + _mi_vifb(vis, ir), abs=1e-10)
 
 
 def test_entropy_matches_skimage(triple):
@@ -119,66 +125,18 @@ def test_ms_ssim_rejects_images_too_small_for_five_scales():
     x = np.zeros((100, 300))
     with pytest.raises(ValueError, match="176"):
         M.ms_ssim(x, x, x)
+    with pytest.raises(ValueError, match="44"):
+        M.ms_ssim_mef(x[:40], x[:40], x[:40])
 
 
-# --- FMI: literal, loop-for-loop port of Haghighat's fmi.m (w = 3) as the reference
-
-
-def _fmi_window_reference(a_sub, f_sub):
-    if np.array_equal(a_sub, f_sub):
-        return 1.0
-
-    def pdf(s):
-        lo, hi = s.min(), s.max()
-        s = np.ones_like(s) if hi == lo else (s - lo) / (hi - lo)
-        return s.flatten(order="F") / s.sum()
-
-    a_pdf, f_pdf = pdf(a_sub), pdf(f_sub)
-    a_cdf, f_cdf = np.cumsum(a_pdf), np.cumsum(f_pdf)
-    at, ft = a_pdf - a_pdf.mean(), f_pdf - f_pdf.mean()
-    c = 0.0 if np.sum(at * ft) == 0 else np.sum(at * ft) / np.sqrt(np.sum(at * at) * np.sum(ft * ft))
-    i = np.arange(1, 10)
-    a_sd = abs(np.sqrt(complex(np.sum(i * i * a_pdf) - np.sum(i * a_pdf) ** 2)))
-    f_sd = abs(np.sqrt(complex(np.sum(i * i * f_pdf) - np.sum(i * f_pdf) ** 2)))
-    if c >= 0:
-        def bound(x, y):
-            return 0.0 if x < 0 or y < 0 else 0.5 * (f_cdf[x] + a_cdf[y] - abs(f_cdf[x] - a_cdf[y]))
-        zero = c == 0 or a_sd == 0 or f_sd == 0
-    else:
-        def bound(x, y):
-            return 0.0 if x < 0 or y < 0 else 0.5 * (f_cdf[x] + a_cdf[y] - 1 + abs(f_cdf[x] + a_cdf[y] - 1))
-        zero = a_sd == 0 or f_sd == 0
-    if zero:
-        mix = 0.0
-    else:
-        cov = sum(bound(x, y) - f_cdf[x] * a_cdf[y] for x in range(9) for y in range(9))
-        mix = c / (cov / (f_sd * a_sd))
-    joint = 0.0
-    for x in range(9):
-        for y in range(9):
-            p = mix * (bound(x, y) - bound(x - 1, y) - bound(x, y - 1) + bound(x - 1, y - 1)) \
-                + (1 - mix) * f_pdf[x] * a_pdf[y]
-            if p != 0:
-                joint += float(np.real(-p * np.log2(complex(p))))
-    ea = -np.sum(a_pdf[a_pdf > 0] * np.log2(a_pdf[a_pdf > 0]))
-    ef = -np.sum(f_pdf[f_pdf > 0] * np.log2(f_pdf[f_pdf > 0]))
-    mi = ea + ef - joint
-    return 0.0 if mi == 0 else 2 * mi / (ea + ef)
-
-
-def _fmi_reference(a, b, f):
-    h, w = f.shape
-    vals = [(_fmi_window_reference(a[p - 1:p + 2, q - 1:q + 2], f[p - 1:p + 2, q - 1:q + 2])
-             + _fmi_window_reference(b[p - 1:p + 2, q - 1:q + 2], f[p - 1:p + 2, q - 1:q + 2])) / 2
-            for p in range(1, h - 1) for q in range(1, w - 1)]
-    return float(np.mean(vals))
+# --- FMI: literal, loop-for-loop port of Haghighat's fmi.m (w = 3) as the reference (metrics_reference.py)
 
 
 @pytest.mark.parametrize("feature", ["none", "edge"])
 def test_vectorised_fmi_equals_a_literal_port_of_fmi_m(triple, feature):
     ir, vis, fused = (x[40:58, 60:80] for x in triple)
-    fa, fb, ff = (M._FMI_FEATURES[feature](x / 255.0) for x in (vis, ir, fused))
-    want = _fmi_reference(fa, fb, ff)
+    fa, fb, ff = (_FMI_FEATURES[feature](x / 255.0) for x in (vis, ir, fused))
+    want = fmi_reference(fa, fb, ff)
     assert M.fmi(ir, vis, fused, feature=feature) == pytest.approx(want, abs=1e-12)
 
 
@@ -193,7 +151,7 @@ def test_matlab_edge_finds_a_thin_vertical_step():
 
 @pytest.mark.parametrize("shape", [(48, 64), (47, 63)])
 def test_phase_congruency_noise_sums_equal_the_direct_ifft(shape):
-    filters, noise = M._pc_bank(*shape)
+    filters, noise = _pc_bank(*shape)
     for o in range(len(noise)):
         ifft = np.real(sfft.ifft2(filters[o].astype(np.float64), axes=(-2, -1))) * np.sqrt(shape[0] * shape[1])
         an2 = np.sum(ifft ** 2)
@@ -239,7 +197,8 @@ def test_luminance_mode_scores_the_bt601_luma_of_a_colour_image(triple):
     ir, vis, fused = (x / 255.0 for x in triple)
     rgb = np.stack([fused, 0.5 * fused, 1.0 - fused], -1)
     y = rgb_to_ycbcr(rgb)[..., 0]
-    assert M.evaluate_images(ir, vis, rgb, ["EN", "SD"]) == M.evaluate_images(ir, vis, y, ["EN", "SD"])
+    got = M.evaluate_images(ir, vis, rgb, ["EN", "SD"], color="luminance", convention="standard")
+    assert got == M.evaluate_images(ir, vis, y, ["EN", "SD"], convention="standard")
 
 
 def test_unknown_metric_or_colour_mode_is_rejected(triple):

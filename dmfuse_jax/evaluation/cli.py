@@ -1,13 +1,14 @@
 """`dmfuse evaluate`: score folders of fused images against their infrared/visible sources.
 
   dmfuse evaluate --ir DIR --vis DIR --fused DIR [--fused DIR ...] --csv OUT.csv
-                  [--markdown OUT.md] [--plot OUT.png] [--metrics EN,SD,...]
-                  [--color luminance|per-channel] [--workers N]
+                  [--markdown OUT.md] [--plot OUT.png [--reference CSV]] [--metrics EN,SD,...]
+                  [--convention vifb|standard] [--color luminance|per-channel] [--workers N]
 
 Pairs are matched by file stem (extensions may differ); every fused folder must hold exactly one image
 per pair. The method name of a fused folder is the folder's name. Writes one CSV row per (method,
-image), prints the per-method mean ± std table and the elapsed time, and optionally writes the table as
-markdown and a radar plot (OUT.png) with a bar chart beside it (OUT_bars.png).
+image; the last two columns name the convention and the colour mode), prints the per-method
+mean ± std table and the elapsed time, and optionally writes the table as markdown and a radar plot
+(OUT.png) with a bar chart beside it (OUT_bars.png).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from dmfuse_jax.errors import UserError
-from dmfuse_jax.evaluation.metrics import COLOR_MODES, METRICS
+from dmfuse_jax.evaluation.metrics import COLOR_MODES, CONVENTIONS, DEFAULT_CONVENTION, METRICS
 
 # One unit of work: an image pair with the fused images of every method (the sources' expensive
 # features are then computed once per pair).
@@ -34,12 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of fused images (repeat for several methods; method = folder name)")
     parser.add_argument("--csv", required=True, help="per-image scores (CSV: method,image,<metrics>)")
     parser.add_argument("--markdown", help="write the per-method summary table (mean ± std) as markdown")
-    parser.add_argument("--plot", help="radar plot PNG (a bar chart is written beside it as *_bars.png)")
+    parser.add_argument("--plot", help="radar plot PNG (a bar chart is written beside it as *_bars.png); "
+                                       "with one method and no --reference, the bar chart instead")
+    parser.add_argument("--reference", metavar="CSV",
+                        help="a CSV written by dmfuse evaluate with the same convention (for instance the "
+                             "classical baselines' scores, benchmarks/baselines_tno.py): its methods join the "
+                             "radar plot's per-metric normalisation and are drawn as grey outlines")
     parser.add_argument("--metrics", default=",".join(METRICS),
                         help=f"comma-separated subset of: {','.join(METRICS)} (default: all)")
-    parser.add_argument("--color", choices=COLOR_MODES, default="luminance",
-                        help="colour fused images: score the BT.601 luminance (default) or the mean over "
-                             "R, G, B with grey sources reused per channel (VIFB)")
+    parser.add_argument("--convention", choices=tuple(CONVENTIONS), default=DEFAULT_CONVENTION,
+                        help="vifb (default): reproduce the VIFB MATLAB toolbox, which most published "
+                             "infrared-visible tables come from, so that numbers compare with those tables "
+                             "(its PSNR/RMSE helper sqrt(sum((a-b)^2))/(H*W), SSIM and MI summed over the two "
+                             "sources, colour scored per R, G, B channel, SF of a colour image on its three "
+                             "planes side by side); standard: textbook definitions (true-MSE PSNR/RMSE, SSIM "
+                             "averaged over the sources, MI in bits, colour on the BT.601 luminance)")
+    parser.add_argument("--color", choices=COLOR_MODES, default=None,
+                        help="colour fused images: score the grey luminance, or the mean over R, G, B with "
+                             "grey sources reused per channel (VIFB); default: the convention's "
+                             "(vifb: per-channel, standard: luminance)")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes (0: one per available CPU, at most one per image pair)")
 
@@ -112,7 +126,7 @@ def build_tasks(ir_dir: str, vis_dir: str, fused_dirs: list[str]) -> tuple[list[
     return methods, tasks
 
 
-def score_task(task: Task, metric_names: list[str], color: str) -> list[dict]:
+def score_task(task: Task, metric_names: list[str], color: str, convention: str) -> list[dict]:
     """Scores one pair's fused images (runs in a worker process). Returns one row per method."""
     from dmfuse_jax.data.images import read_image
     from dmfuse_jax.evaluation.metrics import evaluate_images
@@ -123,22 +137,46 @@ def score_task(task: Task, metric_names: list[str], color: str) -> list[dict]:
     for method, path in fused:
         f = read_image(path)
         try:
-            scores = evaluate_images(ir, vis, f, metric_names, color=color)
+            scores = evaluate_images(ir, vis, f, metric_names, color=color, convention=convention)
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
         rows.append({"method": method, "image": stem, **scores})
     return rows
 
 
-def _score_all(tasks: list[Task], metric_names: list[str], color: str, workers: int) -> list[dict]:
+def _score_all(tasks: list[Task], metric_names: list[str], color: str, convention: str,
+               workers: int) -> list[dict]:
     if workers <= 1:
-        results = [score_task(t, metric_names, color) for t in tasks]
+        results = [score_task(t, metric_names, color, convention) for t in tasks]
     else:
         # spawn: safe even when the parent has imported JAX (fork after JAX's threads can deadlock).
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(score_task, t, metric_names, color) for t in tasks]
+            futures = [pool.submit(score_task, t, metric_names, color, convention) for t in tasks]
             results = [f.result() for f in futures]
     return [row for rows in results for row in rows]
+
+
+def _read_reference(path: str, metric_names: list[str], scoring: dict[str, str]):
+    """--reference CSV -> its per-method summary; UserError naming the file when it cannot serve."""
+    from dmfuse_jax.evaluation import report
+
+    try:
+        rows, metrics, ref_scoring = report.read_csv(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the --reference CSV: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: {e}") from None
+    if ref_scoring != scoring:  # numbers under other conventions are not comparable
+        def fmt(d):
+            return ", ".join(f"{k} {d.get(k, '(not recorded)')}" for k in scoring)
+        raise UserError(f"{path}: scored with {fmt(ref_scoring)}; this run uses {fmt(scoring)}; re-score the "
+                        f"reference with --convention {scoring['convention']} --color {scoring['color']}")
+    missing = [m for m in metric_names if m not in metrics]
+    if missing:
+        raise UserError(f"{path}: no column for metric(s) {', '.join(missing)}")
+    if not rows:
+        raise UserError(f"{path}: no scores in the --reference CSV")
+    return report.summarize(rows, metric_names)
 
 
 def _cpu_seconds() -> float:
@@ -163,28 +201,35 @@ def run(args: argparse.Namespace) -> int:
     metric_names = _parse_metrics(args.metrics)
     if args.workers < 0:
         raise UserError(f"--workers: must be >= 0, got {args.workers}")
+    color = args.color or CONVENTIONS[args.convention].color
+    scoring = {"convention": args.convention, "color": color}
+    if args.reference and not args.plot:
+        raise UserError("--reference: only the radar plot uses it; add --plot OUT.png")
+    reference = _read_reference(args.reference, metric_names, scoring) if args.reference else None
     methods, tasks = build_tasks(args.ir, args.vis, args.fused)
     workers = args.workers or _default_workers(len(tasks))
     workers = min(workers, len(tasks))
     start, cpu0 = time.perf_counter(), _cpu_seconds()
-    rows = _score_all(tasks, metric_names, args.color, workers)
+    rows = _score_all(tasks, metric_names, color, args.convention, workers)
     elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (order[r["method"]], r["image"]))
 
-    report.write_bytes_atomic(args.csv, report.csv_text(rows, metric_names).encode())
+    report.write_bytes_atomic(args.csv, report.csv_text(rows, metric_names, scoring).encode())
     summary = report.summarize(rows, metric_names)
     print(report.text_table(summary, metric_names))
     print(f"scored {len(tasks)} pair(s) x {len(methods)} method(s) x {len(metric_names)} metric(s) "
-          f"in {elapsed:.1f} s wall, {cpu:.1f} s CPU ({workers} worker(s), colour: {args.color})")
+          f"in {elapsed:.1f} s wall, {cpu:.1f} s CPU ({workers} worker(s), convention: {args.convention}, "
+          f"colour: {color})")
     print(f"wrote {args.csv}")
     if args.markdown:
-        report.write_bytes_atomic(args.markdown, report.markdown_table(summary, metric_names).encode())
+        report.write_bytes_atomic(args.markdown, report.markdown_table(summary, metric_names, scoring=scoring).encode())
         print(f"wrote {args.markdown}")
     if args.plot:
-        report.radar_plot(summary, metric_names, args.plot)
+        kind = report.radar_plot(summary, metric_names, args.plot, reference=reference)
         bars = report.bars_path(args.plot)
         report.bar_plot(summary, metric_names, bars)
-        print(f"wrote {args.plot} and {bars}")
+        note = "" if kind == "radar" else " (one method and no --reference: bar chart in place of the radar)"
+        print(f"wrote {args.plot} and {bars}{note}")
     sys.stdout.flush()
     return 0

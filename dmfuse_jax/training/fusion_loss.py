@@ -1,6 +1,11 @@
 """The fusion loss of DESIGN.md section 5 (and the released code's variant, section 4).
 
 L = w_ssim L_ssim + w_intensity L_int + w_gradient L_grad, on images (B, H, W, 1) in model range.
+
+The released code (the authors' loss.py, github.com/Zhishe-Wang/DMFuse) differs from the paper in
+more than the weights: its SSIM weights are the Sobel magnitudes' BATCH means (one pair of weights for
+the batch), and its SSIM is zero-padded 'same' filtering with C1 = 0.01^2, C2 = 0.03^2 whatever the
+data range, averaged over the batch. `fusion_loss_config('released_code')` selects all of that.
 """
 from __future__ import annotations
 
@@ -18,29 +23,40 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
-def _filter_valid(x: jax.Array, kernel_1d: np.ndarray) -> jax.Array:
-    """Separable 'valid' filtering of (B, H, W, C), per channel."""
+SSIM_PADDINGS = ("valid", "same")
+SSIM_CONSTANTS = ("data_range", "unit")
+
+
+def _filter(x: jax.Array, kernel_1d: np.ndarray, padding: str = "valid") -> jax.Array:
+    """Separable filtering of (B, H, W, C), per channel: 'valid' (only positions where the window fits)
+    or 'same' (zero padding, same size, as torch's conv2d with padding = size // 2)."""
     c = x.shape[-1]
     k = jnp.asarray(kernel_1d)
     kh = jnp.tile(k.reshape(-1, 1, 1, 1), (1, 1, 1, c))
     kw = jnp.tile(k.reshape(1, -1, 1, 1), (1, 1, 1, c))
     dn = ("NHWC", "HWIO", "NHWC")
-    x = jax.lax.conv_general_dilated(x, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
-    return jax.lax.conv_general_dilated(x, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
+    pad = padding.upper()
+    x = jax.lax.conv_general_dilated(x, kh, (1, 1), pad, dimension_numbers=dn, feature_group_count=c)
+    return jax.lax.conv_general_dilated(x, kw, (1, 1), pad, dimension_numbers=dn, feature_group_count=c)
 
 
-def ssim(a: jax.Array, b: jax.Array, data_range: float, win_size: int = 11, sigma: float = 1.5) -> jax.Array:
-    """Mean SSIM per image (Wang et al. 2004), Gaussian window, valid positions only.
+def ssim(a: jax.Array, b: jax.Array, data_range: float, win_size: int = 11, sigma: float = 1.5,
+         padding: str = "valid") -> jax.Array:
+    """Mean SSIM per image (Wang et al. 2004), Gaussian window, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with
+    L = data_range; padding 'valid' (positions where the window fits) or 'same' (zero padded, every
+    pixel, as the released code's ssim).
 
-    a, b: (B, H, W, C) with H, W >= win_size. Returns (B,).
+    a, b: (B, H, W, C) with H, W >= win_size for 'valid'. Returns (B,).
     """
+    if padding not in SSIM_PADDINGS:
+        raise ValueError(f"unknown SSIM padding {padding!r} (expected one of {', '.join(SSIM_PADDINGS)})")
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     win = gaussian_window(win_size, sigma)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = _filter_valid(a, win), _filter_valid(b, win)
-    s_aa = _filter_valid(a * a, win) - mu_a ** 2
-    s_bb = _filter_valid(b * b, win) - mu_b ** 2
-    s_ab = _filter_valid(a * b, win) - mu_a * mu_b
+    mu_a, mu_b = _filter(a, win, padding), _filter(b, win, padding)
+    s_aa = _filter(a * a, win, padding) - mu_a ** 2
+    s_bb = _filter(b * b, win, padding) - mu_b ** 2
+    s_ab = _filter(a * b, win, padding) - mu_a * mu_b
     m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
     return jnp.mean(m, axis=(1, 2, 3))
 
@@ -57,20 +73,30 @@ def sobel_magnitude(x: jax.Array) -> jax.Array:
 
 def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float = 1.0,
                 w_intensity: float = 4.0, w_gradient: float = 20.0, intensity_target: str = "mean",
-                ssim_weighting: str = "fixed", data_range: float = 2.0) -> tuple[jax.Array, dict]:
+                ssim_weighting: str = "fixed", data_range: float = 2.0, ssim_padding: str = "valid",
+                ssim_constants: str = "data_range") -> tuple[jax.Array, dict]:
     """fused, ir, vi: (B, H, W, 1) in model range (data_range = 2 for [-1, 1], 1 for [0, 1]).
+
+    ssim_weighting: 'fixed' (0.5, 0.5) or 'gradient' (each source's mean Sobel magnitude over the whole
+    batch, normalised: one pair of weights per batch, as the released code; 0.5 each if both are flat).
+    ssim_padding: 'valid' or 'same' (see `ssim`). ssim_constants: 'data_range' (C from data_range) or
+    'unit' (C1 = 0.01^2, C2 = 0.03^2 whatever the range, as the released code).
 
     Returns (scalar loss, {'loss_ssim', 'loss_intensity', 'loss_gradient', 'ssim_ir', 'ssim_vi'}).
     """
+    if ssim_constants not in SSIM_CONSTANTS:
+        raise ValueError(f"unknown ssim_constants {ssim_constants!r} (expected one of {', '.join(SSIM_CONSTANTS)})")
     fused, ir, vi = (t.astype(jnp.float32) for t in (fused, ir, vi))
-    ssim_ir = ssim(fused, ir, data_range)
-    ssim_vi = ssim(fused, vi, data_range)
+    ssim_range = data_range if ssim_constants == "data_range" else 1.0
+    ssim_ir = ssim(fused, ir, ssim_range, padding=ssim_padding)
+    ssim_vi = ssim(fused, vi, ssim_range, padding=ssim_padding)
     g_f, g_ir, g_vi = sobel_magnitude(fused), sobel_magnitude(ir), sobel_magnitude(vi)
     if ssim_weighting == "fixed":
         w_ir = w_vi = 0.5
-    elif ssim_weighting == "gradient":  # released code: each source's mean Sobel magnitude, normalised
-        m_ir, m_vi = jnp.mean(g_ir, axis=(1, 2, 3)), jnp.mean(g_vi, axis=(1, 2, 3))
-        w_ir = m_ir / (m_ir + m_vi + 1e-12)
+    elif ssim_weighting == "gradient":  # released code: torch.mean over the whole batch, no epsilon
+        m_ir, m_vi = jnp.mean(g_ir), jnp.mean(g_vi)
+        den = m_ir + m_vi
+        w_ir = jnp.where(den > 0, m_ir / jnp.where(den > 0, den, 1.0), 0.5)
         w_vi = 1.0 - w_ir
     else:
         raise ValueError(f"unknown ssim_weighting {ssim_weighting!r} (expected 'fixed' or 'gradient')")
@@ -89,9 +115,12 @@ def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float
 
 
 def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1"):
-    """`fusion_loss` with weights/target/weighting from `config.loss` and the data range from the
-    model's input range."""
+    """`fusion_loss` with weights/target/weighting/SSIM form from `config.loss` and the data range from
+    the model's input range. Configs saved before ssim_padding / ssim_constants existed get the
+    paper's ('valid', 'data_range')."""
     return fusion_loss(fused, ir, vi, w_ssim=loss_config.w_ssim, w_intensity=loss_config.w_intensity,
                        w_gradient=loss_config.w_gradient, intensity_target=loss_config.intensity_target,
                        ssim_weighting=loss_config.ssim_weighting,
+                       ssim_padding=loss_config.get("ssim_padding", "valid"),
+                       ssim_constants=loss_config.get("ssim_constants", "data_range"),
                        data_range=2.0 if input_range == "-1_1" else 1.0)

@@ -98,9 +98,12 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """`tfds.data_source(name)` (e.g. 'coco/2017'), random access, images as [0, 1] floats.
+    """`tfds.data_source(name)` (e.g. 'coco/2017'): random access over a prepared TFDS dataset stored
+    as ArrayRecord (no tf.data), its 'image' feature as [0, 1] floats. Pickles (grain workers).
 
-    Needs the `tfds` extra: pip install 'dmfuse-jax[tfds]'.
+    Needs tensorflow-datasets, and TensorFlow for the COCO builder: pip install 'dmfuse-jax[tfds]'.
+    The dataset must be prepared first (docs/training.md): `tfds build coco/2017 --data_dir DIR
+    --file_format array_record`.
     """
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
@@ -109,7 +112,19 @@ class TfdsSource:
         except ImportError as e:
             raise UserError("data.source='tfds' needs tensorflow-datasets: pip install 'dmfuse-jax[tfds]'") from e
         self.name = name
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        where = data_dir or "the default TFDS folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        build = (f"prepare it with: tfds build {name} --file_format array_record"
+                 + (f" --data_dir {data_dir}" if data_dir else "") + " (or use data.source='folder')")
+        try:
+            # download=False: never start a download (COCO: ~20 GB, on every host) inside a training run.
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except ImportError as e:  # the dataset's builder code imports TensorFlow (COCO's does)
+            raise UserError(f"tfds dataset {name!r} needs TensorFlow ({e}): pip install 'dmfuse-jax[tfds]'") from None
+        except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
+                NotImplementedError) as e:  # NotImplementedError: no data, or TFRecord (not random access)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tfds dataset {name!r} split {split!r} is not prepared as ArrayRecord in {where} "
+                            f"({first}); " + build) from None
         if len(self.source) == 0:
             raise UserError(f"tfds dataset {name!r} split {split!r} is empty")
 

@@ -18,7 +18,7 @@ executables are written to disk and reused by the next process that compiles the
 the same options, on CPU too), used by `dmfuse train` and `dmfuse fuse`. The folder is
 $XDG_CACHE_HOME/dmfuse_jax/xla (~/.cache/dmfuse_jax/xla); `DMFUSE_COMPILATION_CACHE=off` (or 0)
 turns it off, `DMFUSE_COMPILATION_CACHE=/some/dir` moves it, and so does the commands'
-`--compilation-cache off|DIR`. A cache folder already given to JAX (`JAX_COMPILATION_CACHE_DIR`) is kept.
+`--compilation-cache off|DIR`. A cache configured for JAX itself (JAX_COMPILATION_CACHE_DIR) is left alone.
 """
 from __future__ import annotations
 
@@ -87,27 +87,31 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> str | None
     """Turns on JAX's persistent compilation cache for this process; returns its folder, or None
     when it is off. Call it before the first compile.
 
-    `path`: 'off' (or '0') disables it; a folder puts it there; None takes $DMFUSE_COMPILATION_CACHE
-    (the same values), else a folder JAX was already given (JAX_COMPILATION_CACHE_DIR or
-    `jax.config`), else `default_cache_dir()`. Executables that took at least
-    `CACHE_MIN_COMPILE_SECS` to compile are stored, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
-    says otherwise.
+    `path` (the commands' --compilation-cache): 'off' (or '0') disables the cache, a folder puts it
+    there. None: a cache JAX was configured with (JAX_COMPILATION_CACHE_DIR,
+    JAX_ENABLE_COMPILATION_CACHE=false) is left as it is; otherwise $DMFUSE_COMPILATION_CACHE ('off'
+    or a folder), else `default_cache_dir()`. Executables that took at least CACHE_MIN_COMPILE_SECS to
+    compile are stored, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.
     """
     import jax
 
-    choice = os.fspath(path) if path is not None else os.environ.get(CACHE_ENV, "").strip()
+    if path is None:
+        if jax.config.jax_compilation_cache_dir:  # JAX's own configuration: left alone
+            return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+        if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false
+            return None
+        path = os.environ.get(CACHE_ENV, "").strip() or default_cache_dir()
+    choice = os.fspath(path).strip()
     if choice.lower() in CACHE_OFF:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false: the user's word
-        return None
-    folder = choice or jax.config.jax_compilation_cache_dir or default_cache_dir()
-    folder = os.path.abspath(os.path.expanduser(folder))
+    folder = os.path.abspath(os.path.expanduser(choice))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a read-only home, say: run without the cache rather than fail
         log.warning("compilation cache %s not usable (%s); compiling without it", folder, e)
         return None
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)

@@ -100,14 +100,15 @@ def test_persistent_cache_is_on_by_default_in_the_user_cache_folder(cache_config
 
 
 def test_persistent_cache_switches(cache_config, tmp_path):
-    assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # --compilation-cache DIR
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_own"))  # JAX_COMPILATION_CACHE_DIR: kept
-    assert compilation.enable_persistent_cache() == str(tmp_path / "jax_own")
     cache_config.setenv(compilation.CACHE_ENV, str(tmp_path / "env"))
-    assert compilation.enable_persistent_cache() == str(tmp_path / "env")
+    assert compilation.enable_persistent_cache() == str(tmp_path / "env")  # DMFUSE_COMPILATION_CACHE=DIR
+    assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # --compilation-cache DIR
+    assert compilation.enable_persistent_cache() == str(tmp_path / "mine")  # a folder JAX already has: kept
     cache_config.setenv(compilation.CACHE_ENV, "off")
+    jax.config.update("jax_compilation_cache_dir", None)
     assert compilation.enable_persistent_cache() is None and not jax.config.jax_enable_compilation_cache
     cache_config.delenv(compilation.CACHE_ENV)
-    assert compilation.enable_persistent_cache() is None  # JAX's own switch turned off: left off
-    jax.config.update("jax_enable_compilation_cache", True)
-    assert compilation.enable_persistent_cache("off") is None  # --compilation-cache off
+    assert compilation.enable_persistent_cache() is None  # JAX's own switch is off (JAX_ENABLE_COMPILATION_CACHE)
+    assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # the flag turns it on
+    assert jax.config.jax_enable_compilation_cache
+    assert compilation.enable_persistent_cache("off") is None and not jax.config.jax_enable_compilation_cache

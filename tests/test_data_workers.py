@@ -20,7 +20,7 @@ from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform
 from dmfuse_jax.training import testing as T
 
 pytestmark = pytest.mark.multiprocess
-TIMEOUT = 300
+TIMEOUT = 600
 
 
 def write_png(path, h, w, seed):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ from PIL import Image
 from dmfuse_jax.training import testing as T
 
 LAUNCH = T.REPO_ROOT / "launch"
-TIMEOUT = 300
+TIMEOUT = 600
 SCRIPTS = ["local_cpu_processes.sh", "multihost.sh", "single_host.sh", "slurm_gpu.sbatch", "tpu_vm.sh"]
 
 
@@ -94,8 +96,14 @@ def test_local_cpu_processes_trains_with_two_processes_and_workers(tmp_path):
     env = T.subprocess_env(tmp_path / "xla_cache", DMFUSE=f"{sys.executable} -m dmfuse_jax",
                            DMFUSE_DISTRIBUTED_TIMEOUT="120")
     cmd = [str(LAUNCH / "local_cpu_processes.sh"), "2", T.PRETRAIN_CONFIG, str(work)]
-    proc = subprocess.run(cmd + [f"--config.{o}" for o in overrides], env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT, cwd=str(T.REPO_ROOT))
+    # Its own process group: a timeout stops the script and both training processes it started.
+    proc = subprocess.Popen(cmd + [f"--config.{o}" for o in overrides], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=str(T.REPO_ROOT), start_new_session=True)
+    try:
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     logs = {i: (tmp_path / f"two_proc.process_{i}.log").read_text() for i in range(2)}
     assert proc.returncode == 0, "\n".join(f"== process {i}\n{v[-2500:]}" for i, v in logs.items())
     assert "2 process(es)" in logs[0] and "done: 2 steps" in logs[0], logs[0][-2000:]

@@ -20,7 +20,7 @@ from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform
 from dmfuse_jax.training import testing as T
 
 pytestmark = pytest.mark.multiprocess
-TIMEOUT = 600
+TIMEOUT = int(os.environ.get("DMFUSE_TEST_TIMEOUT", "600"))  # seconds per run; raise on a loaded machine
 
 
 def write_png(path, h, w, seed):

@@ -19,7 +19,7 @@ from PIL import Image
 from dmfuse_jax.training import testing as T
 
 LAUNCH = T.REPO_ROOT / "launch"
-TIMEOUT = 600
+TIMEOUT = int(os.environ.get("DMFUSE_TEST_TIMEOUT", "600"))  # seconds per run; raise on a loaded machine
 SCRIPTS = ["local_cpu_processes.sh", "multihost.sh", "single_host.sh", "slurm_gpu.sbatch", "tpu_vm.sh"]
 
 

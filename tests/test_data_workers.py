@@ -63,6 +63,7 @@ def test_pretrain_workers_same_batches_and_skipped_count(tmp_path):
     assert skipped == expected > 0, f"skipped files counted {skipped}, the data has {expected}"
 
 
+@pytest.mark.slow  # CI covers fusion with workers through the training run below
 def test_fusion_workers_same_batches(tmp_path):
     ir, vi = tmp_path / "ir", tmp_path / "vi"
     for i in range(3):

@@ -67,8 +67,8 @@ def measure(stage_name: str, args) -> dict:
     trainer = Trainer(config, stage, total_steps=1000)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
-    batch = {k: np.clip(rng.normal(0, 0.5, v.shape), -1, 1).astype(np.float32)
-             for k, v in stage.example_batch(args.batch).items()}
+    batch = {k: np.clip(rng.normal(0, 0.5, v.shape), -1, 1).astype(np.float32) if v.dtype == np.float32
+             else np.zeros(v.shape, v.dtype) for k, v in stage.example_batch(args.batch).items()}
     batch = trainer.place(batch)
     t0 = time.perf_counter()
     step = trainer.compile()

@@ -50,3 +50,8 @@ def quarter_config():
 # inherited by the subprocesses tests start. Export XLA_FLAGS yourself to override.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# `dmfuse train/fuse` turn on JAX's persistent compilation cache in ~/.cache by default; tests that run
+# them in this process must not write there. Subprocess tests that want a cache give JAX a folder
+# (testing.subprocess_env), which takes precedence; the cache's own tests set their folders.
+os.environ.setdefault("DMFUSE_COMPILATION_CACHE", "off")

@@ -75,3 +75,40 @@ def test_caller_options_are_kept(monkeypatch):
 
 def test_no_options_for_other_backends():
     assert compilation._supported("gpu") is None and compilation._supported("tpu") is None
+
+
+@pytest.fixture
+def cache_config(monkeypatch, tmp_path):
+    """Restores JAX's cache settings (nothing is compiled while they point at tmp_path)."""
+    names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
+             "jax_persistent_cache_min_compile_time_secs")
+    saved = {n: getattr(jax.config, n) for n in names}
+    for var in (compilation.CACHE_ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield monkeypatch
+    for n, v in saved.items():
+        jax.config.update(n, v)
+
+
+def test_persistent_cache_is_on_by_default_in_the_user_cache_folder(cache_config, tmp_path):
+    folder = compilation.enable_persistent_cache()
+    assert folder == str(tmp_path / "xdg" / "dmfuse_jax" / "xla") and (tmp_path / "xdg" / "dmfuse_jax" / "xla").is_dir()
+    assert jax.config.jax_compilation_cache_dir == folder and jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == compilation.CACHE_MIN_COMPILE_SECS
+
+
+def test_persistent_cache_switches(cache_config, tmp_path):
+    cache_config.setenv(compilation.CACHE_ENV, str(tmp_path / "env"))
+    assert compilation.enable_persistent_cache() == str(tmp_path / "env")  # DMFUSE_COMPILATION_CACHE=DIR
+    assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # --compilation-cache DIR
+    assert compilation.enable_persistent_cache() == str(tmp_path / "mine")  # a folder JAX already has: kept
+    cache_config.setenv(compilation.CACHE_ENV, "off")
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compilation.enable_persistent_cache() is None and not jax.config.jax_enable_compilation_cache
+    cache_config.delenv(compilation.CACHE_ENV)
+    assert compilation.enable_persistent_cache() is None  # JAX's own switch is off (JAX_ENABLE_COMPILATION_CACHE)
+    assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # the flag turns it on
+    assert jax.config.jax_enable_compilation_cache
+    assert compilation.enable_persistent_cache("off") is None and not jax.config.jax_enable_compilation_cache

@@ -10,8 +10,7 @@ from PIL import Image
 
 from dmfuse_jax.data import fusion_pairs as fp
 from dmfuse_jax.data import pipeline as pl
-from dmfuse_jax.data.pretrain import (ImageFolderSource, PretrainTransform, SkipCounter, cached_file_list,
-                                      scan_image_tree)
+from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform, cached_file_list, scan_image_tree
 from dmfuse_jax.errors import UserError
 
 
@@ -55,29 +54,51 @@ def test_empty_and_missing_folders_are_clear_errors(tmp_path):
 
 def test_corrupt_file_is_skipped_with_warning_and_count(image_tree, caplog):
     (image_tree / "b" / "img0.png").write_bytes(b"\x89PNG broken")
-    counter = SkipCounter()
-    src = ImageFolderSource(image_tree, skipped=counter)
+    src = ImageFolderSource(image_tree)
     idx = src.files.index("b/img0.png")
     with caplog.at_level(logging.WARNING):
-        img = src[idx]
+        el = src[idx]
         src[idx]
-    assert img.shape[-1] in (1, 3) and counter.count == 2
+    assert el["image"].shape[-1] in (1, 3) and el["skipped"] == 1  # the count travels with the element
+    assert src[(idx + 1) % len(src)]["skipped"] == 0
     assert sum("b/img0.png" in r.getMessage() for r in caplog.records) == 1  # warned once per file
-    np.testing.assert_array_equal(img, src[(idx + 1) % len(src)])  # the next readable file instead
+    np.testing.assert_array_equal(el["image"], src[(idx + 1) % len(src)]["image"])  # the next readable file
+
+
+def test_sources_and_transform_pickle_for_worker_processes(image_tree, pair_dirs):
+    """grain sends the dataset to its worker processes with cloudpickle: no locks, no decoded cache."""
+    import cloudpickle
+
+    folder = ImageFolderSource(image_tree)
+    folder[0]
+    train, _ = fp.split_pairs(*pair_dirs)
+    pairs = fp.PairedPatchSource(train, patch=16, step=12)
+    pairs[0]  # fills the decoded-pair cache
+    assert pairs._cache
+    transform = PretrainTransform(16, 1)
+    for obj in (folder, pairs, transform):
+        copy = cloudpickle.loads(cloudpickle.dumps(obj))
+        assert type(copy) is type(obj)
+    copy = cloudpickle.loads(cloudpickle.dumps(pairs))
+    assert copy._cache == {}  # each worker decodes its own pairs
+    for k in ("ir", "vi"):
+        np.testing.assert_array_equal(copy[5][k], pairs[5][k])
 
 
 def test_pretrain_transform_crops_flips_and_scales():
     rng = np.random.default_rng(0)
     img = np.linspace(0, 1, 20 * 30, dtype=np.float32).reshape(20, 30, 1)
-    out = PretrainTransform(16, 3, "grey")(img, rng)["image"]
+    out = PretrainTransform(16, 3, "grey")({"image": img, "skipped": np.int32(2)}, rng)
+    assert out["skipped"] == 2
+    out = out["image"]
     assert out.shape == (16, 16, 3) and out.dtype == np.float32
     assert -1.0 <= out.min() and out.max() <= 1.0 and np.all(out[..., 0] == out[..., 2])
-    small = PretrainTransform(32, 1, "grey")(img, rng)["image"]  # upscaled before the crop
+    small = PretrainTransform(32, 1, "grey")({"image": img}, rng)["image"]  # upscaled before the crop
     assert small.shape == (32, 32, 1)
-    rgb = PretrainTransform(8, 3, "rgb", mode="resize", flip=False)(np.ones((10, 12, 3), np.float32), rng)
+    rgb = PretrainTransform(8, 3, "rgb", mode="resize", flip=False)({"image": np.ones((10, 12, 3), np.float32)}, rng)
     np.testing.assert_allclose(rgb["image"], 1.0, atol=1e-6)
     with pytest.raises(UserError, match="3-channel"):
-        PretrainTransform(8, 1, "rgb")(img, rng)
+        PretrainTransform(8, 1, "rgb")({"image": img}, rng)
 
 
 def elements(n):

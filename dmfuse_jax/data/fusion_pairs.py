@@ -6,7 +6,6 @@ The patch index is built deterministically from the sorted pair list.
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,9 @@ class PairedPatchSource:
     """Random access over all sliding-window patches of paired images.
 
     `source[i]` -> {'ir': (patch, patch, 1), 'vi': (patch, patch, 1)} float32 in the model range.
-    Decoded pairs are cached in memory (decoded once per process).
+    Decoded pairs are cached in memory, once per process: the cache is not pickled, so a grain worker
+    process starts with an empty one (and the source holds no lock: a pair decoded twice by two threads
+    at once is written twice, with the same value).
     """
 
     def __init__(self, pairs, *, patch: int = 256, step: int = 12, input_range: str = "-1_1"):
@@ -95,7 +96,9 @@ class PairedPatchSource:
             raise UserError(f"pairs smaller than the {patch}x{patch} patch (lower data.patch_size):\n" + "\n".join(small))
         self.index = patch_index(sizes, patch, step)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": {}}
 
     def summary(self) -> str:
         return (f"{len(self.index)} patches of {self.patch}x{self.patch} (step {self.step}) "
@@ -110,8 +113,7 @@ class PairedPatchSource:
             _, a, b = self.pairs[i]
             got = (scale_to_range(grey(read_image(a)), self.input_range),
                    scale_to_range(grey(read_image(b)), self.input_range))
-            with self._lock:
-                self._cache[i] = got
+            self._cache[i] = got
         return got
 
     def __getitem__(self, index: int) -> dict:

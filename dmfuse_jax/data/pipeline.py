@@ -80,12 +80,28 @@ def train_dataset(source, transform: Callable | None, *, seed: int, global_batch
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
+def configure_grain() -> None:
+    """grain reads its options from absl flags (`--grain_*`), and its multiprocess prefetch reads
+    them before starting workers; a program that never parses absl flags (the dmfuse CLI, a script)
+    gets `UnparsedFlagAccessError`. As grain's docs do for such programs: mark the flags parsed (they
+    keep their defaults; a program that parsed them itself is left alone). Options can then be set
+    with `grain.config.update(name, value)`."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_iterator(ds: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 8,
                    worker_count: int = 0) -> grain.DatasetIterator:
     """A checkpointable iterator (`get_state`/`set_state`; grain's orbax handler saves it).
-    worker_count > 0 decodes in that many worker processes (large image folders)."""
+
+    worker_count > 0 decodes in that many worker processes (large image folders): each gets a pickled
+    copy of `ds` (the source and transform must pickle: no locks, no open files) and produces every
+    worker_count-th batch, so the batch order is the same as with no workers."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
+        configure_grain()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
 

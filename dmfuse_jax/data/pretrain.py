@@ -1,15 +1,17 @@
 """Stage-1 (diffusion pretraining) data: image sources and the random crop/flip transform.
 
 Sources are random access (grain `MapDataset.source` protocol: `__len__`, `__getitem__`) and return
-one decoded image in [0, 1], (H, W, 1 | 3) float32. `PretrainTransform` turns it into a training
-example `{'image': (S, S, C) float32 in [-1, 1]}`.
+`{'image': (H, W, 1 | 3) float32 in [0, 1], 'skipped': int32}`, where `skipped` counts the unreadable
+files passed over to produce that element. `PretrainTransform` turns it into a training example
+`{'image': (S, S, C) float32 in [-1, 1], 'skipped': int32}`. The count travels with the data (not in a
+process-local counter), so it stays right with grain worker processes and several hosts: the trainer
+sums it over each global batch. Sources hold no locks or open files, so they pickle (grain workers).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +22,14 @@ from dmfuse_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 
-class SkipCounter:
-    """Thread-safe count of unreadable files met by this process (logged as data/skipped_files)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.count = 0
-        self.seen: set[str] = set()
-
-    def add(self, path: str, reason: str) -> None:
-        with self._lock:
-            self.count += 1
-            first = path not in self.seen
-            self.seen.add(path)
-        if first:
-            log.warning("skipping unreadable image %s: %s", path, reason)
+# Unreadable files this process has warned about (once per file and process; counts are in the data).
+_WARNED: set[str] = set()
 
 
-SKIPPED = SkipCounter()
+def warn_skipped(path: str, reason: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("skipping unreadable image %s: %s", path, reason)
 
 
 def scan_image_tree(root: str | os.PathLike) -> list[str]:
@@ -80,27 +72,25 @@ class ImageFolderSource:
     """Random access over every image under a folder tree.
 
     A corrupt or unreadable file is skipped: the next readable file (in list order) is returned
-    instead, with a warning (once per file) and a count in `SKIPPED`. Deterministic, so resume and
-    multi-process runs see the same substitutions.
+    instead, with a warning (once per file and process) and the number of files passed over in the
+    element's `skipped`. Deterministic, so resume and multi-process runs see the same substitutions.
     """
 
-    def __init__(self, root: str | os.PathLike, *, cache_path: str | os.PathLike | None = None,
-                 skipped: SkipCounter = SKIPPED):
+    def __init__(self, root: str | os.PathLike, *, cache_path: str | os.PathLike | None = None):
         self.root = Path(root)
         self.files = cached_file_list(root, cache_path)
-        self.skipped = skipped
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> dict:
         n = len(self.files)
         for k in range(min(n, 64)):
             path = self.root / self.files[(int(index) + k) % n]
             try:
-                return read_image(path)
+                return {"image": read_image(path), "skipped": np.int32(k)}
             except (UserError, OSError, ValueError) as e:
-                self.skipped.add(str(path), str(e))
+                warn_skipped(str(path), str(e))
         raise UserError(f"{self.root}: 64 consecutive images could not be read (see the warnings above)")
 
     def __repr__(self) -> str:
@@ -108,9 +98,12 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """`tfds.data_source(name)` (e.g. 'coco/2017'), random access, images as [0, 1] floats.
+    """`tfds.data_source(name)` (e.g. 'coco/2017'): random access over a prepared TFDS dataset stored
+    as ArrayRecord (no tf.data), its 'image' feature as [0, 1] floats. Pickles (grain workers).
 
-    Needs the `tfds` extra: pip install 'dmfuse-jax[tfds]'.
+    Needs tensorflow-datasets, and TensorFlow for the COCO builder: pip install 'dmfuse-jax[tfds]'.
+    The dataset must be prepared first (docs/training.md): `tfds build coco/2017 --data_dir DIR
+    --file_format array_record`.
     """
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
@@ -119,16 +112,28 @@ class TfdsSource:
         except ImportError as e:
             raise UserError("data.source='tfds' needs tensorflow-datasets: pip install 'dmfuse-jax[tfds]'") from e
         self.name = name
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        where = data_dir or "the default TFDS folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        build = (f"prepare it with: tfds build {name} --file_format array_record"
+                 + (f" --data_dir {data_dir}" if data_dir else "") + " (or use data.source='folder')")
+        try:
+            # download=False: never start a download (COCO: ~20 GB, on every host) inside a training run.
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except ImportError as e:  # the dataset's builder code imports TensorFlow (COCO's does)
+            raise UserError(f"tfds dataset {name!r} needs TensorFlow ({e}): pip install 'dmfuse-jax[tfds]'") from None
+        except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
+                NotImplementedError) as e:  # NotImplementedError: no data, or TFRecord (not random access)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tfds dataset {name!r} split {split!r} is not prepared as ArrayRecord in {where} "
+                            f"({first}); " + build) from None
         if len(self.source) == 0:
             raise UserError(f"tfds dataset {name!r} split {split!r} is empty")
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> dict:
         img = np.asarray(self.source[int(index)]["image"], np.float32) / 255.0
-        return img[..., None] if img.ndim == 2 else img
+        return {"image": img[..., None] if img.ndim == 2 else img, "skipped": np.int32(0)}
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {len(self)} images)"
@@ -158,7 +163,8 @@ def to_channels(img: np.ndarray, color: str, channels: int) -> np.ndarray:
 
 
 class PretrainTransform:
-    """image (H, W, C) in [0, 1] -> {'image': (size, size, channels) float32 in [-1, 1]}.
+    """{'image': (H, W, C) in [0, 1], 'skipped'} -> {'image': (size, size, channels) float32 in [-1, 1],
+    'skipped'}.
 
     mode 'random_crop': the shorter side is resized to `size` if smaller, then a random square crop;
     mode 'resize': the whole image resized to size x size. Then a random horizontal flip.
@@ -171,8 +177,8 @@ class PretrainTransform:
             raise UserError(f"unknown data.crop {mode!r} (expected 'random_crop' or 'resize')")
         self.size, self.channels, self.color, self.mode, self.flip = size, channels, color, mode, flip
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict:
-        s = self.size
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        img, s = element["image"], self.size
         if self.mode == "resize":
             img = resize_image(img, s, s)
         else:
@@ -187,4 +193,5 @@ class PretrainTransform:
         if self.flip and rng.random() < 0.5:
             img = img[:, ::-1]
         img = to_channels(np.clip(img, 0.0, 1.0), self.color, self.channels)
-        return {"image": np.ascontiguousarray(img * 2.0 - 1.0, dtype=np.float32)}
+        return {"image": np.ascontiguousarray(img * 2.0 - 1.0, dtype=np.float32),
+                "skipped": np.int32(element.get("skipped", 0))}

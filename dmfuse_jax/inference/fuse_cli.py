@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="workdir: use the EMA params")
     ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: use the raw params")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from dmfuse_jax.compilation import add_cache_argument
+    add_cache_argument(p)
 
 
 def collect_pairs(ir: str, vis: str, out: str) -> list[tuple[str, Path, Path, Path]]:
@@ -109,8 +111,11 @@ def run(args) -> int:
         fuser = MethodFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, method=args.method)
         what = f"method {args.method}"
     else:
+        from dmfuse_jax.compilation import enable_persistent_cache
         from dmfuse_jax.inference.checkpoints import resolve
         from dmfuse_jax.inference.fuser import Fuser
+
+        enable_persistent_cache(getattr(args, "compilation_cache", None))  # before the first compile
 
         ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
         try:

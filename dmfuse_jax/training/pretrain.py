@@ -59,7 +59,8 @@ class PretrainStage:
         return SOURCES[d.source](d, workdir), transform
 
     def example_batch(self, batch: int) -> dict:
-        return {"image": jnp.zeros((batch, self.size, self.size, self.unet.in_channels), jnp.float32)}
+        return {"image": jnp.zeros((batch, self.size, self.size, self.unet.in_channels), jnp.float32),
+                "skipped": jnp.zeros((batch,), jnp.int32)}
 
     # -- model
     def init_params(self, key):

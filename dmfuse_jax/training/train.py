@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                         help="multi-process init: 'auto' (when JAX_COORDINATOR_ADDRESS is set), 'on' "
                              "(also detect SLURM / Cloud TPU / MPI), 'off' (default: %(default)s)")
+    from dmfuse_jax.compilation import add_cache_argument
+    add_cache_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
                         help="config overrides, e.g. --config.total_steps=1000 (or KEY=VALUE)")
 
@@ -121,7 +123,11 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dmfuse_jax.compilation import enable_persistent_cache
+
     config = load_config(args.config, list(args.overrides or []))
+    cache = enable_persistent_cache(getattr(args, "compilation_cache", None))
+    logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
     initialize_distributed(args.distributed)
     train(config, args.workdir)
     return 0

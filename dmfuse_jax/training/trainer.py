@@ -32,7 +32,9 @@ HANG_ENV = "DMFUSE_DEBUG_HANG_AFTER_STEP"
 
 
 def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
-    """train_step(state, batch) -> (state, metrics): pure; jit it once with shardings."""
+    """train_step(state, batch) -> (state, metrics): pure; jit it once with shardings.
+    A batch with 'skipped' (B,) (unreadable files passed over per example) adds its global sum as
+    metrics['skipped_files']: summed on the devices, so it counts every worker and process."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, key = jax.random.split(state.rng)
@@ -42,7 +44,10 @@ def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = apply_gradients(state, grads, tx, ema_decay, rng)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        if "skipped" in batch:
+            metrics["skipped_files"] = batch["skipped"].sum()
+        return new_state, metrics
 
     return train_step
 
@@ -144,7 +149,6 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     """Trains `stage` in `workdir` (resuming from its latest valid checkpoint). Returns a summary."""
     from tqdm import tqdm
 
-    from dmfuse_jax.data.pretrain import SKIPPED
     from dmfuse_jax.training.checkpoint import Checkpointer, PreemptionWatch
 
     workdir = Path(workdir)
@@ -184,6 +188,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     preview_every = int(config.get("preview_every_steps", 0))
     hang_after = int(os.environ.get(HANG_ENV, "-1"))
     pending: list[dict] = []
+    skipped_files = 0  # unreadable files passed over in the batches of this run (since its start)
     summary = {"start_step": start, "end_step": start, "preempted": None}
     t_last, step_last = time.perf_counter(), start
     bar = tqdm(total=total, initial=start, disable=not chief, dynamic_ncols=True, desc=stage.name,
@@ -201,11 +206,14 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                     # The only host sync of the loop: metrics of the last `log_every` steps.
                     got = jax.device_get(pending)
                     pending = []
+                    skipped = [int(m.pop("skipped_files")) for m in got if "skipped_files" in m]
+                    skipped_files += sum(skipped)
                     now = time.perf_counter()
                     scalars = {f"train/{k}": float(np.mean([m[k] for m in got])) for k in got[0]}
                     scalars["train/learning_rate"] = float(trainer.lr_schedule(step - 1))
                     scalars["perf/images_per_second"] = (step - step_last) * int(config.batch_size) / (now - t_last)
-                    scalars["data/skipped_files"] = float(SKIPPED.count)
+                    if skipped:
+                        scalars["data/skipped_files"] = float(skipped_files)
                     t_last, step_last = now, step
                     trainer.log_scalars(step, scalars)
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)

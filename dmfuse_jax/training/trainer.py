@@ -178,7 +178,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                                worker_count=int(d.get("worker_count", 0)))
 
     ckpt = Checkpointer(workdir, every=int(config.checkpoint_every_steps),
-                        keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name)
+                        keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name, config=config)
     restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_sharding, data_iter)
     if restored is None:
         state, start = trainer.init_state(), 0

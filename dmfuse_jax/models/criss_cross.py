@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -42,14 +43,48 @@ def _pallas_available() -> bool:
     return True
 
 
+def batch_axes_of(mesh, batch: int) -> tuple[str, ...]:
+    """The axes of `mesh` (the context mesh) that split a batch of `batch` examples: the mesh axes of
+    the logical 'batch' axis (training.sharding.RULES) of size > 1, not already manual (inside a
+    shard_map). () when they do not divide `batch` (the caller then runs unsharded)."""
+    from dmfuse_jax.training.sharding import RULES
+
+    names = RULES["batch"] if isinstance(RULES["batch"], tuple) else (RULES["batch"],)
+    if mesh.empty:
+        return ()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    axes = tuple(a for a in names if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes if axes and batch % n == 0 else ()
+
+
+def batch_parallel(fn, *arrays: jax.Array) -> jax.Array:
+    """fn(*arrays) run per batch shard (`jax.shard_map` over the batch axes of the context mesh,
+    `jax.set_mesh`): for opaque kernels (Pallas) that the partitioner would otherwise replicate,
+    computing the global batch on every device. Every array and the result are (B, ...) and fn
+    must be independent per example. Its VJP is sharded the same way (shard_map transposes to a
+    shard_map). Without a context mesh, or when the batch does not split, fn runs as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = batch_axes_of(mesh, arrays[0].shape[0])
+    if not axes:
+        return fn(*arrays)
+    spec = P(axes)
+    # check_vma off: pallas_call has no varying-manual-axes rule; every operand is batch-sharded.
+    return jax.shard_map(fn, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+
+
 def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
     """Dispatch: 'reference' (jnp), 'pallas' (GPU kernel; interpret mode off-GPU), or 'auto'
-    (the kernel on GPU when it is available, the reference elsewhere). Shapes as the reference."""
+    (the kernel on GPU when it is available, the reference elsewhere). Shapes as the reference.
+    The kernel runs per batch shard under a context mesh (`batch_parallel`); the reference is
+    plain jnp, which the partitioner shards itself."""
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
     if impl == "reference":
         return criss_cross_reference(q, k, v)
     if impl == "pallas":
-        from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
-        return criss_cross_pallas(q, k, v)
+        from dmfuse_jax.models import criss_cross_pallas as ccp
+        return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v), q, k, v)
     raise ValueError(f"unknown criss-cross attention impl {impl!r} (expected auto, reference or pallas)")

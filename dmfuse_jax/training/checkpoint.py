@@ -4,18 +4,31 @@ A workdir holds:
   config.json            the full config, written atomically when the run starts
   checkpoints/<step>/    orbax items: 'weights' (params, frozen params, EMA), 'train' (step,
                          optimizer state, RNG), 'data' (the grain iterator, one JSON per process),
-                         'meta' (stage, step and a checksum per weight array)
+                         'integrity' (sum |x| per array of 'weights' and 'train', computed on device),
+                         'meta' (stage, step, the model/optimizer config, the checksums' array names)
 Saves are asynchronous, every `checkpoint_every_steps`, keeping the last `keep_checkpoints`, plus one
 on SIGTERM/SIGINT (preemption). orbax commits a step atomically, so a save torn by a crash is not
-listed; a committed step whose files are damaged fails to restore or fails its checksum, and the run
-falls back to the previous step with a warning.
+listed.
+
+Restoring never loses work:
+  - only a failed integrity check (a missing, truncated or unreadable file, or a checksum mismatch)
+    counts as corruption: that step is moved to `corrupt_checkpoints/` (never deleted) and the
+    previous one is tried; the run prints which step it resumed from;
+  - a different model / optimizer config (or stage) is a `UserError` naming the differing keys;
+  - a different process count restores params and optimizer state and re-derives every process's
+    data position from the step (the global batch at step k does not depend on the process count);
+  - any other failure (I/O, out of memory, ...) is raised as it is; no checkpoint is touched.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,11 +43,20 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
-ITEMS = ("weights", "train", "data", "meta")
+ITEMS = ("weights", "train", "data", "meta", "integrity")
+# What a checkpoint's arrays depend on: a resume with other values is refused (UserError).
+RECORDED_CONFIG = ("stage", "model", "optimizer")
+# Kernel choices: the same weights whichever runs.
+NOT_COMPARED = ("model.unet.attention_impl", "model.head.caim_impl")
 
 
 class CorruptCheckpointWarning(UserWarning):
-    """A checkpoint could not be restored or failed its checksum; an older one is used."""
+    """A checkpoint failed its integrity check; an older one is used."""
+
+
+class IntegrityError(Exception):
+    """A checkpoint's files are missing, truncated or unreadable, or its arrays fail their checksums:
+    the one failure that sets a checkpoint aside."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,28 +87,123 @@ def load_workdir_config(workdir: str | os.PathLike):
 # checksums
 
 
-def weight_checksums(weights) -> dict[str, float]:
-    """Sum of |x| per array (float64 on the host after a float32 sum on device), keyed by path."""
+@functools.cache
+def _abs_sums():
+    """One jitted function for every save and restore (jit caches per tree layout): sum |x| per
+    leaf, float32, as one (N,) array in `tree_leaves` order. Dispatched asynchronously: no host sync."""
     import jax
     import jax.numpy as jnp
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(weights)
-    sums = jax.jit(lambda leaves: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves])(
-        [x for _, x in flat])
-    return {jax.tree_util.keystr(k): float(v) for (k, _), v in zip(flat, jax.device_get(sums))}
+    from dmfuse_jax import compilation
+
+    def sums(tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        if not leaves:
+            return jnp.zeros((0,), jnp.float32)
+        return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves])
+
+    return compilation.jit(sums)
+
+
+def array_checksums(tree):
+    """(N,) float32 device array: sum |x| of every leaf of `tree` (sharded or not)."""
+    return _abs_sums()(tree)
+
+
+def leaf_names(tree) -> list[str]:
+    import jax
+    return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def weight_checksums(weights) -> dict[str, float]:
+    """{array path: sum |x|} on the host (the format of checkpoints written before 'integrity')."""
+    import jax
+    return dict(zip(leaf_names(weights), map(float, jax.device_get(array_checksums(weights)))))
+
+
+def compare_checksums(names: list[str], got, expected, where: str) -> None:
+    """IntegrityError unless `got` and `expected` (sums per array named `names`) agree to float32
+    rounding (sums over a different device count are added in another order)."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape or len(names) != len(got):
+        raise IntegrityError(f"{where}: {len(got)} arrays, {len(expected)} recorded checksums")
+    for name, v, ref in zip(names, got, expected):
+        if not np.isfinite(v) or abs(v - ref) > 1e-4 * abs(ref) + 1e-6:
+            raise IntegrityError(f"{where}: checksum mismatch for {name}: {v} vs recorded {ref}")
 
 
 def verify_checksums(weights, expected: dict[str, float], where: str) -> None:
+    """Host numpy `weights` against a {path: sum |x|} record (IntegrityError on mismatch)."""
     import jax
 
     flat, _ = jax.tree_util.tree_flatten_with_path(weights)
     got = {jax.tree_util.keystr(k): float(np.sum(np.abs(np.asarray(x, np.float64)))) for k, x in flat}
     if set(got) != set(expected):
-        raise ValueError(f"{where}: arrays differ from the recorded ones")
-    for k, v in got.items():
-        ref = expected[k]
-        if not np.isfinite(v) or abs(v - ref) > 1e-4 * abs(ref) + 1e-6:
-            raise ValueError(f"{where}: checksum mismatch for {k}: {v} vs recorded {ref}")
+        raise IntegrityError(f"{where}: arrays differ from the recorded ones")
+    names = sorted(got)
+    compare_checksums(names, [got[k] for k in names], [expected[k] for k in names], where)
+
+
+# Read errors that mean a checkpoint's files are damaged: tensorstore's status for a missing file or
+# array (NOT_FOUND), a file shorter than its index says (OUT_OF_RANGE), undecodable bytes (DATA_LOSS).
+# Other statuses (UNAVAILABLE, PERMISSION_DENIED, RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) are not.
+_DAMAGE = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS)\b")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a read error (or one it was raised from) says the files are missing or damaged."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (IntegrityError, FileNotFoundError, json.JSONDecodeError, EOFError)):
+            return True
+        if _DAMAGE.search(f"{type(error).__name__}: {error}"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the config a checkpoint was trained with
+
+
+def config_record(config) -> dict:
+    """The keys of `config` a checkpoint depends on, as plain JSON (tuples become lists)."""
+    out = {}
+    for k in RECORDED_CONFIG:
+        if k in config:
+            v = config[k]
+            out[k] = v.to_dict() if hasattr(v, "to_dict") else v
+    return json.loads(json.dumps(out))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_differences(recorded: dict, config) -> list[str]:
+    """'key: old when checkpointed, new now' for every recorded key whose value changed."""
+    old, new = _flatten(recorded), _flatten(config_record(config))
+    return [f"{k}: {json.dumps(old.get(k, _ABSENT))} when checkpointed, {json.dumps(new.get(k, _ABSENT))} now"
+            for k in sorted(set(old) | set(new))
+            if k not in NOT_COMPARED and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def check_config(recorded: dict, config, where: str) -> None:
+    """UserError naming the differing keys when `config` is not the one `recorded` was trained with."""
+    diff = config_differences(recorded, config)
+    if diff:
+        raise UserError(f"{where} was trained with another model/optimizer config; differing keys: "
+                        f"{'; '.join(diff)}. No checkpoint was changed: resume with the original values, "
+                        "or start a new --workdir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,13 +218,19 @@ def _manager(directory: Path, *, every: int = 1, keep: int | None = None, read_o
         import grain
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         handlers = {"weights": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+                    "integrity": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
         with _quiet():
             return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+    import grain
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, int(every)), max_to_keep=keep,
         create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(directory.resolve(), options=options, item_names=ITEMS)
+    # Handlers fixed per item (not inferred from the first call, which may be a restore).
+    handlers = {"weights": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                "integrity": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
 class _quiet:
@@ -135,74 +258,146 @@ def _with_shardings(abstract, shardings):
 
 
 class Checkpointer:
-    """Saves and restores a `TrainState` plus the grain iterator of one run."""
+    """Saves and restores a `TrainState` plus the grain iterator of one run (`config`: the run's
+    config; its `RECORDED_CONFIG` part is stored in every checkpoint and checked on restore)."""
 
     def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int | None = 3,
-                 stage: str = "", async_save: bool = True):
+                 stage: str = "", async_save: bool = True, config=None):
         self.workdir = Path(workdir)
         self.directory = self.workdir / CHECKPOINT_DIR
         self.stage = stage
+        self.config = config
         self.every = max(1, int(every))
         self.manager = _manager(self.directory, every=every, keep=keep, async_save=async_save)
 
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-        """Starts an async save at `step` if due (or `force`); returns whether one was started."""
+        """Starts an async save at `step` if due (or `force`); returns whether one was started.
+        The checksums are device arrays saved with the state: no host sync here."""
         import grain
+        import jax
         import orbax.checkpoint as ocp
 
         # Our policy, not orbax's (which also saves the first step it sees): every `every` steps.
         if (not force and step % self.every) or step in self.manager.all_steps():
             return False
         weights, rest = state.split_items()
-        meta = {"step": int(step), "stage": self.stage, "checksums": weight_checksums(weights)}
+        meta = {"step": int(step), "stage": self.stage,
+                "config": config_record(self.config) if self.config is not None else None,
+                "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "checksum_names": {"weights": leaf_names(weights), "train": leaf_names(rest)}}
+        integrity = {"weights": array_checksums(weights), "train": array_checksums(rest)}
         return self.manager.save(step, force=True, args=ocp.args.Composite(
             weights=ocp.args.StandardSave(weights), train=ocp.args.StandardSave(rest),
+            integrity=ocp.args.PyTreeSave(integrity),  # PyTree: read back as host numpy (_restore_host_item)
             data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore_latest(self, abstract_state, shardings, data_iter):
-        """The newest checkpoint that restores and passes its checksums, as (state, step), with the
-        iterator's position restored in place; None when there is none. Broken newer ones are moved
-        to `corrupt_checkpoints/` (so the run can save those steps again) with a warning."""
+        """The newest checkpoint that passes its integrity check, as (state, step), with the
+        iterator's position restored in place; None when there is none. A newer one that fails
+        the check is moved to `corrupt_checkpoints/` (so the run can save that step again) with a
+        warning. A config change raises UserError; any other error is raised; both leave every
+        checkpoint where it is."""
+        from dmfuse_jax.training.state import TrainState
+
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                weights, rest = self._restore_checked(step, abstract_state, shardings)
+                self._restore_data(step, data_iter)
+            except Exception as e:  # noqa: BLE001 - classified: only damage is set aside
+                if not is_damage(e) or isinstance(e, UserError):
+                    if not isinstance(e, UserError):
+                        e.add_note(f"restoring {self.directory / str(step)} failed (not a damaged file): "
+                                   "no checkpoint was moved; fix the cause and run again")
+                    raise
+                self._quarantine(step, e)
+                continue
+            return TrainState.from_items(weights, rest), step
+        return None
+
+    def _restore_checked(self, step: int, abstract_state, shardings):
+        """(weights, train) of `step` with their shardings, after the config check; IntegrityError
+        (or a read error that `is_damage`) when the files or checksums are bad."""
+        import orbax.checkpoint as ocp
+
+        where = str(self.directory / str(step))
+        step_dir = self.directory / str(step)
+        missing = [i for i in ("weights", "train", "meta") if not (step_dir / i).is_dir()]
+        if missing:
+            raise IntegrityError(f"{where}: missing {', '.join(missing)}")
+        with _quiet():
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict):
+            raise IntegrityError(f"{where}/meta: unreadable")
+        if meta.get("stage", self.stage) != self.stage:
+            raise UserError(f"{where} is a {meta.get('stage')!r} checkpoint; this run trains stage "
+                            f"{self.stage!r}. No checkpoint was changed: use another --workdir")
+        if self.config is not None and meta.get("config") is not None:
+            check_config(meta["config"], self.config, where)
+        weights_abs, rest_abs = abstract_state.split_items()
+        weights_sh, rest_sh = shardings.split_items()
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            weights=ocp.args.StandardRestore(_with_shardings(weights_abs, weights_sh)),
+            train=ocp.args.StandardRestore(_with_shardings(rest_abs, rest_sh))))
+        self._verify(step, meta, got["weights"], got["train"])
+        return got["weights"], got["train"]
+
+    def _verify(self, step: int, meta: dict, weights, rest) -> None:
+        """Checksums recomputed on device (the arrays may span processes) against the recorded ones."""
+        import jax
+        where = str(self.directory / str(step))
+        if "checksums" in meta:  # written before the 'integrity' item
+            sums = jax.device_get(array_checksums(weights))
+            names = leaf_names(weights)
+            exp = meta["checksums"]
+            if set(names) != set(exp):
+                raise IntegrityError(f"{where}: arrays differ from the recorded ones")
+            compare_checksums(names, sums, [exp[n] for n in names], where)
+            return
+        if not (self.directory / str(step) / "integrity").is_dir():
+            raise IntegrityError(f"{where}: missing integrity")
+        saved = _restore_host_item(self.manager, step, "integrity")
+        for item, tree in (("weights", weights), ("train", rest)):
+            names = meta.get("checksum_names", {}).get(item)
+            if names != leaf_names(tree):
+                raise IntegrityError(f"{where}/{item}: arrays differ from the recorded ones")
+            compare_checksums(names, jax.device_get(array_checksums(tree)), saved[item], f"{where}/{item}")
+
+    def _restore_data(self, step: int, data_iter) -> None:
+        """The iterator's position: grain's own state when this run has the process count that
+        wrote the checkpoint; otherwise re-derived from the step (one global batch per step)."""
         import grain
         import jax
         import orbax.checkpoint as ocp
 
-        from dmfuse_jax.training.state import TrainState
-
-        weights_abs, rest_abs = abstract_state.split_items()
-        weights_sh, rest_sh = shardings.split_items()
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    weights=ocp.args.StandardRestore(_with_shardings(weights_abs, weights_sh)),
-                    train=ocp.args.StandardRestore(_with_shardings(rest_abs, rest_sh)),
-                    meta=ocp.args.JsonRestore()))
-                verify_checksums(jax.device_get(got["weights"]), got["meta"]["checksums"],
-                                 f"{self.directory / str(step)}")
-                self.manager.restore(step, args=ocp.args.Composite(
-                    data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except Exception as e:  # noqa: BLE001 - any failure means: not usable, try the previous
-                self._quarantine(step, e)
-                continue
-            return TrainState.from_items(got["weights"], got["train"]), step
-        return None
+        data_dir = self.directory / str(step) / "data"
+        written = sorted(data_dir.glob("process_*-of-*.json"))
+        if not written:
+            raise IntegrityError(f"{data_dir}: missing iterator state")
+        counts = {int(m.group(1)) for p in written if (m := re.search(r"-of-(\d+)\.json$", p.name))}
+        if counts == {jax.process_count()}:
+            self.manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            return
+        set_data_position(data_iter, step, written, where=str(data_dir))
+        if jax.process_index() == 0:
+            print(f"{data_dir}: written by {sorted(counts)} process(es), this run has "
+                  f"{jax.process_count()}: data position re-derived from step {step}", flush=True)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         import jax
 
         src = self.directory / str(step)
         dst = self.workdir / CORRUPT_DIR / str(step)
-        warnings.warn(f"checkpoint {src} is corrupt ({type(error).__name__}: {str(error)[:300]}); "
-                      f"moved to {dst}, falling back to the previous checkpoint",
+        if dst.exists():  # a step set aside before and saved again: keep both
+            dst = dst.with_name(f"{step}.{int(time.time())}")
+        warnings.warn(f"checkpoint {src} failed its integrity check ({type(error).__name__}: "
+                      f"{str(error)[:300]}); moved to {dst}, trying the previous checkpoint",
                       CorruptCheckpointWarning, stacklevel=3)
         if jax.process_index() == 0:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists():
-                import shutil
-                shutil.rmtree(dst)
             os.replace(src, dst)
         _sync("dmfuse_quarantine")
         self.manager.reload()
@@ -216,6 +411,40 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def set_data_position(data_iter, step: int, written: list[Path], where: str) -> None:
+    """Puts an iterator of this run at global batch `step` (the pipeline reads global batch k at
+    step k whatever the process count), after checking that the recorded positions say the same."""
+    fresh = data_iter.get_state()
+    if not (isinstance(fresh, dict) and set(fresh) == {"next_index"}):
+        raise UserError(f"{where}: written by another process count, and the position of this iterator "
+                        f"(data.worker_count > 0) cannot be re-derived; resume once with the process count "
+                        f"that wrote it, or with data.worker_count=0")
+    for path in written:
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{path}: unreadable iterator state ({e})") from None
+        if isinstance(recorded, dict) and "next_index" in recorded and recorded["next_index"] != step:
+            raise UserError(f"{path}: the data position ({recorded['next_index']}) is not the step ({step}): "
+                            "it cannot be re-derived for another process count; resume with the process "
+                            "count that wrote it")
+    data_iter.set_state({"next_index": int(step)})
+
+
+def _restore_host_item(manager, step: int, item: str):
+    """A small PyTree item as host numpy arrays on every process."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with _quiet():
+        meta_tree = manager.item_metadata(step)[item]
+        tree = meta_tree.tree if hasattr(meta_tree, "tree") else meta_tree
+        restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        got = manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.PyTreeRestore(restore_args=restore_args)}))
+    return jax.tree.map(np.asarray, got[item])
 
 
 def _sync(name: str) -> None:
@@ -282,8 +511,11 @@ def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None 
     """Params (or EMA params) of a workdir's latest valid checkpoint, as a pytree of numpy arrays.
 
     Stage 'fusion': the full DMFuse tree {'unet': ..., 'head': ...}; stage 'pretrain': the UNet tree.
-    A corrupt newest checkpoint is skipped with a `CorruptCheckpointWarning`. `step` picks one.
+    A newest checkpoint that fails its integrity check is skipped with a `CorruptCheckpointWarning`
+    (nothing is moved); other errors are raised. `step` picks one.
     """
+    import jax
+
     load_workdir_config(workdir)  # is a workdir
     directory = Path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -301,8 +533,18 @@ def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None 
         for s in steps:
             try:
                 weights, meta = _restore_numpy(manager, s)
-                verify_checksums(weights, meta["checksums"], str(directory / str(s)))
-            except Exception as e:  # noqa: BLE001 - unusable: try the previous one
+                where = str(directory / str(s))
+                if "checksums" in meta:  # written before the 'integrity' item
+                    verify_checksums(weights, meta["checksums"], where)
+                else:
+                    names = meta.get("checksum_names", {}).get("weights")
+                    if names != leaf_names(weights):
+                        raise IntegrityError(f"{where}/weights: arrays differ from the recorded ones")
+                    got = [np.sum(np.abs(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(weights)]
+                    compare_checksums(names, got, _restore_host_item(manager, s, "integrity")["weights"], where)
+            except Exception as e:  # noqa: BLE001 - classified: only damage is skipped
+                if not is_damage(e):
+                    raise
                 errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
                 warnings.warn(f"checkpoint {directory / str(s)} is corrupt ({errors[-1]}); "
                               "trying the previous one", CorruptCheckpointWarning, stacklevel=2)
@@ -314,14 +556,10 @@ def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None 
 
 
 def _restore_numpy(manager, step: int):
-    import jax
+    """(weights as host numpy, meta) of one step."""
     import orbax.checkpoint as ocp
 
+    weights = _restore_host_item(manager, step, "weights")
     with _quiet():
-        meta_tree = manager.item_metadata(step)["weights"]
-        tree = meta_tree.tree if hasattr(meta_tree, "tree") else meta_tree
-        restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        got = manager.restore(step, args=ocp.args.Composite(
-            weights=ocp.args.PyTreeRestore(restore_args=restore_args), meta=ocp.args.JsonRestore()))
-    weights = jax.tree.map(np.asarray, got["weights"])
-    return weights, got["meta"]
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return weights, meta

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from dmfuse_jax.errors import UserError
 
@@ -85,24 +86,25 @@ def initialize_distributed(mode: str = "auto") -> None:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-    """Creates the workdir and writes config.json (process 0); warns when a resumed run's config
-    differs from the one it was started with."""
+    """Creates the workdir and writes config.json (process 0). A workdir with checkpoints whose
+    recorded model / optimizer config differs is refused (UserError naming the keys) before anything
+    is written; other changes (steps, data, logging) are recorded with a warning."""
     import jax
 
-    from dmfuse_jax.training.checkpoint import CONFIG_FILE, write_config
+    from dmfuse_jax.training.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, check_config, config_record,
+                                                load_workdir_config, write_config)
 
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() != 0:
-        return
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-        new = config.to_json(indent=2, sort_keys=True) + "\n"
-        if old != new:
+        old = load_workdir_config(workdir)
+        if any(p.name.isdigit() for p in Path(workdir, CHECKPOINT_DIR).glob("*")):
+            check_config(config_record(old), config, f"{workdir} (its {CONFIG_FILE})")
+        if old.to_json(sort_keys=True) != config.to_json(sort_keys=True) and jax.process_index() == 0:
             logging.getLogger(__name__).warning("%s: the config differs from the one this workdir was "
                                                 "started with; the new one is recorded", path)
-    write_config(workdir, config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(workdir, config)
 
 
 def train(config, workdir: str) -> dict:

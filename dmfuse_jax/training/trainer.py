@@ -75,18 +75,30 @@ class Trainer:
         self.state_sharding = shd.state_shardings(self.abstract_state, self.mesh,
                                                   int(config.sharding.get("fsdp_min_size", 2 ** 18)))
         step_fn = make_train_step(stage, self.tx, float(config.optimizer.get("ema_decay", 0.0)))
-        self.train_step = compilation.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                                  out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+        self._train_step = compilation.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                                           out_shardings=(self.state_sharding, self.replicated),
+                                           donate_argnums=(0,))
         self.workdir: Path | None = None
         self._writer = None
 
-    def compile(self) -> Any:
-        """The train step compiled ahead of time for this state and batch layout (once per run)."""
+    # The step is traced under the mesh (`jax.set_mesh`) so opaque kernels (the Pallas criss-cross
+    # attention) run per batch shard instead of replicated (`criss_cross.batch_parallel`).
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with jax.set_mesh(self.mesh):
+            return self._train_step(state, batch)
+
+    def lower(self) -> Any:
+        """The train step lowered for this state and batch layout (abstract: no data needed)."""
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
                  for k, v in self.stage.example_batch(int(self.config.batch_size)).items()}
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              self.abstract_state, self.state_sharding)
-        return self.train_step.lower(state, batch).compile()
+        with jax.set_mesh(self.mesh):
+            return self._train_step.lower(state, batch)
+
+    def compile(self) -> Any:
+        """The train step compiled ahead of time for this state and batch layout (once per run)."""
+        return self.lower().compile()
 
     def init_state(self) -> TrainState:
         """Fresh state (params created directly with their shardings), then the stage's pretrained
@@ -170,7 +182,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                                worker_count=int(d.get("worker_count", 0)))
 
     ckpt = Checkpointer(workdir, every=int(config.checkpoint_every_steps),
-                        keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name)
+                        keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name, config=config)
     restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_sharding, data_iter)
     if restored is None:
         state, start = trainer.init_state(), 0

@@ -105,3 +105,29 @@ def test_params_file_of_another_config_and_two_sources(tmp_path):
     _, stage, trainer = _trainer("fusion", [f"init.unet_params={bad}", f"init.unet_torch={bad}"])
     with pytest.raises(UserError, match="init.unet_torch and init.unet_params both set"):
         _init_state(stage, trainer)
+
+
+def test_roadscene_configs_are_the_shipped_runs_commands():
+    """configs/roadscene_{pretrain,fusion}.py = the base configs plus the command-line overrides of the
+    runs that made ../shared/weights/dmfuse_jax_roadscene_*.npz (their README), nothing else."""
+    from flax import traverse_util
+
+    from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.data.pipeline import REPO_ROOT
+
+    runs = {
+        "roadscene_pretrain": ("coco_pretrain", [
+            "data.root=../shared/data/roadscene", "total_steps=3000", "batch_size=32", "checkpoint_every_steps=500",
+            "data.worker_count=0", "model.dtype=bfloat16", "optimizer.ema_decay=0.999",
+            "optimizer.warmup_steps=300", "optimizer.learning_rate=2e-4"]),
+        "roadscene_fusion": ("tno_fusion", [
+            "init.unet_workdir=workdirs/roadscene_pretrain", "init.head_torch=../shared/weights/dmfuse_fusion_head.pth",
+            "data.ir_dir=../shared/data/roadscene/ir", "data.vi_dir=../shared/data/roadscene/vi", "batch_size=32",
+            "total_steps=2500", "data.patch_size=128", "data.patch_step=16", "model.dtype=bfloat16",
+            "optimizer.learning_rate=1e-4", "checkpoint_every_steps=500"]),
+    }
+    for name, (base, overrides) in runs.items():
+        ours = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{name}.py")).to_dict())
+        want = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{base}.py"), overrides).to_dict())
+        diff = {k: (ours.get(k), want.get(k)) for k in set(ours) | set(want) if k != ("name",) and ours.get(k) != want.get(k)}
+        assert not diff, f"configs/{name}.py differs from {base} + the run's overrides: {diff}"

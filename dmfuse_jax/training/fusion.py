@@ -4,7 +4,8 @@ and decoder (`params['head']`) are trained with the fusion loss (DESIGN.md secti
 The UNet comes from a stage-1 workdir (`init.unet_workdir`, EMA weights with `init.unet_ema`), a
 PyTorch SR3 state_dict (`init.unet_torch`) or a flat npz (`init.unet_params`, e.g. the default
 model's); the head may start from the released PyTorch head (`init.head_torch`) or a flat npz
-(`init.head_params`), with a fresh Adam state. Previews: held-out pairs fused by the current head, written as PNG.
+(`init.head_params`), with a fresh Adam state. Previews: held-out pairs fused by the current head,
+written as PNG.
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ class FusionStage:
     def load_pretrained(self, state, shardings):
         """Fills the frozen UNet (and optionally the head) from disk."""
         init = self.config.init
-        for part, keys in (("UNet", ("unet_workdir", "unet_torch", "unet_params")), ("head", ("head_torch", "head_params"))):
+        for part, keys in (("UNet", ("unet_workdir", "unet_torch", "unet_params")),
+                           ("head", ("head_torch", "head_params"))):
             given = [k for k in keys if init.get(k)]
             if len(given) > 1:
                 raise UserError(f"init.{given[0]} and init.{given[1]} both set: give one source for the {part}")

@@ -1,8 +1,9 @@
 """Stage 1: DDPM pretraining of the SR3 UNet (DESIGN.md section 2).
 
 Continuous noise level g ~ U[sqrt_acp_prev[t], sqrt_acp_prev[t-1]], t uniform, cosine schedule,
-L2 (or L1) epsilon loss, dropout on. `init.unet_params` (flat npz) starts from given params (Adam fresh). Previews: a grid of reverse-diffusion samples of the EMA UNet
-(`p_sample_loop` respaced to `preview.sample_steps`), written as PNG.
+L2 (or L1) epsilon loss, dropout on. `init.unet_params` (a flat npz) starts from given params, with
+a fresh Adam state. Previews: a grid of reverse-diffusion samples of the EMA UNet (`p_sample_loop`
+respaced to `preview.sample_steps`), written as PNG.
 """
 from __future__ import annotations
 

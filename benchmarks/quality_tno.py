@@ -9,9 +9,9 @@ Fused images go to OUT/<dataset>/<method>/<name>.png (default OUT: /work/outputs
 exists, else outputs/quality), through the same commands a user runs: `dmfuse fuse` (default model,
 or --checkpoint) and `dmfuse fuse --method NAME`; medical pairs with `--mode medical`. Then per
 dataset `dmfuse evaluate` writes OUT/<dataset>/metrics.csv, summary.md and radar.png (+ _bars.png).
-`--skip-fuse` only scores (e.g. after a change of metric conventions), `--fuse-only` only fuses. `--markdown` writes one file
-with every dataset's table (the TNO table with the paper's DMFuse figures in a column), `--plot-dir`
-copies the radar plots (<dataset>_radar.png).
+`--skip-fuse` only scores (e.g. after a change of metric conventions), `--fuse-only` only fuses.
+`--markdown` writes one file with every dataset's table (TNO's with the paper's DMFuse figures in a
+last column), `--plot-dir` copies the radar plots (<dataset>_radar.png).
 
 Training data and evaluation data never overlap: the default model was trained on RoadScene only
 (both stages); TNO and Harvard were never seen in training.

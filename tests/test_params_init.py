@@ -129,5 +129,6 @@ def test_roadscene_configs_are_the_shipped_runs_commands():
     for name, (base, overrides) in runs.items():
         ours = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{name}.py")).to_dict())
         want = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{base}.py"), overrides).to_dict())
-        diff = {k: (ours.get(k), want.get(k)) for k in set(ours) | set(want) if k != ("name",) and ours.get(k) != want.get(k)}
+        diff = {k: (ours.get(k), want.get(k)) for k in set(ours) | set(want)
+                if k != ("name",) and ours.get(k) != want.get(k)}
         assert not diff, f"configs/{name}.py differs from {base} + the run's overrides: {diff}"

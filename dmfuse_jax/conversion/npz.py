@@ -90,16 +90,18 @@ def check_flat(flat: Mapping[str, np.ndarray], want: Mapping[str, tuple], source
     missing = sorted(set(want) - set(flat))
     unexpected = sorted(set(flat) - set(want))
     misshaped = [k for k in sorted(set(want) & set(flat)) if tuple(flat[k].shape) != tuple(want[k])]
+    def more(keys, what):
+        return f" (+{len(keys) - 1} more {what})" if len(keys) > 1 else ""
+
     problems = []
     if missing:
-        problems.append(f"missing key {missing[0]!r}" + (f" (+{len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+        problems.append(f"missing key {missing[0]!r}" + more(missing, "missing"))
     if unexpected:
-        problems.append(f"unexpected key {unexpected[0]!r}"
-                        + (f" (+{len(unexpected) - 1} more unexpected)" if len(unexpected) > 1 else ""))
+        problems.append(f"unexpected key {unexpected[0]!r}" + more(unexpected, "unexpected"))
     if misshaped:
         k = misshaped[0]
         problems.append(f"key {k!r} has shape {tuple(flat[k].shape)}, the config needs {tuple(want[k])}"
-                        + (f" (+{len(misshaped) - 1} more mis-shaped)" if len(misshaped) > 1 else ""))
+                        + more(misshaped, "mis-shaped"))
     if problems:
         raise UserError(f"{source}: does not fit {what}: " + "; ".join(problems))
 

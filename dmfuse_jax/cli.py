@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fuse": ("dmfuse_jax.inference.fuse_cli", "fuse infrared/visible (or medical) image pairs"),
     "export": ("dmfuse_jax.inference.export_cli", "export an inference bundle and a serialized artefact"),
     "convert-torch": ("dmfuse_jax.conversion.cli", "build an inference bundle from PyTorch weights"),
+    "convert-npz": ("dmfuse_jax.conversion.npz_cli", "build an inference bundle from flat npz parameter files"),
     "evaluate": ("dmfuse_jax.evaluation.cli", "score fused images with the field's metrics"),
 }
 

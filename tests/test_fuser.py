@@ -144,12 +144,15 @@ def test_load_bundle_and_default_bundle(tiny_bundle, monkeypatch, tmp_path):
         dmfuse_jax.load()
 
 
-def test_default_bundle_if_shipped_is_small_and_loads():
-    if not bundle_lib.is_bundle(checkpoints.DEFAULT_BUNDLE):
-        pytest.skip(f"no default bundle shipped yet at {checkpoints.DEFAULT_BUNDLE}")
-    assert bundle_lib.folder_bytes(checkpoints.DEFAULT_BUNDLE) < 4 * 2**20
-    ck = checkpoints.resolve(None)
-    assert ck.kind == "bundle"
+QUICKSTART_BUNDLE = ROOT / "tests" / "data" / "quickstart_bundle"
+
+
+def test_quickstart_test_bundle_loads_and_is_not_the_default():
+    """The tiny quickstart model (3 CPU minutes of training) is test data, not the default model."""
+    assert checkpoints.DEFAULT_BUNDLE.resolve() != QUICKSTART_BUNDLE.resolve()
+    ck = checkpoints.resolve(str(QUICKSTART_BUNDLE))
+    assert ck.kind == "bundle" and ck.config.model.unet.inner_channels == 8
+    assert bundle_lib.folder_bytes(QUICKSTART_BUNDLE) < 2 * 2**20
 
 
 def _fake_workdir(path, config, weights):

@@ -50,6 +50,8 @@ def pretrain_config(width: int = 32, *, batch_size: int = 64, total_steps: int =
         crop="random_crop",  # 'random_crop' | 'resize'
         flip=True, num_threads=8, prefetch=16, worker_count=0))
     config.preview = ml_collections.ConfigDict(dict(num_samples=8, sample_steps=50))
+    # unet_params: a flat npz (dmfuse_jax/conversion/npz.py) to start from; Adam starts fresh.
+    config.init = ml_collections.ConfigDict(dict(unet_params=""))
     return config
 
 
@@ -66,6 +68,9 @@ def fusion_config(width: int = 32, *, batch_size: int = 4, num_epochs: float = 1
     config.data = ml_collections.ConfigDict(dict(
         ir_dir=ir_dir, vi_dir=vi_dir, patch_size=256, patch_step=12, num_holdout=2, max_pairs=0,
         num_threads=2, prefetch=8, worker_count=0))
-    config.init = ml_collections.ConfigDict(dict(unet_workdir="", unet_ema=True, unet_torch="", head_torch=""))
+    # The frozen UNet: one of unet_workdir (stage-1 workdir), unet_torch (.pth), unet_params (flat npz);
+    # the head may start from head_torch (.pth) or head_params (flat npz); Adam starts fresh.
+    config.init = ml_collections.ConfigDict(dict(unet_workdir="", unet_ema=True, unet_torch="", unet_params="",
+                                                 head_torch="", head_params=""))
     config.preview = ml_collections.ConfigDict(dict(size=256))
     return config

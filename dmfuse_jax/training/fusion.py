@@ -1,9 +1,11 @@
 """Stage 2: fusion training. The diffusion UNet is frozen (a feature extractor); the reducers, CAIM
 and decoder (`params['head']`) are trained with the fusion loss (DESIGN.md section 5).
 
-The UNet comes from a stage-1 workdir (`init.unet_workdir`, EMA weights with `init.unet_ema`) or a
-PyTorch SR3 state_dict (`init.unet_torch`); the head may start from the released PyTorch head
-(`init.head_torch`). Previews: held-out pairs fused by the current head, written as PNG.
+The UNet comes from a stage-1 workdir (`init.unet_workdir`, EMA weights with `init.unet_ema`), a
+PyTorch SR3 state_dict (`init.unet_torch`) or a flat npz (`init.unet_params`, e.g. the default
+model's); the head may start from the released PyTorch head (`init.head_torch`) or a flat npz
+(`init.head_params`), with a fresh Adam state. Previews: held-out pairs fused by the current head,
+written as PNG.
 """
 from __future__ import annotations
 
@@ -104,6 +106,11 @@ class FusionStage:
     def load_pretrained(self, state, shardings):
         """Fills the frozen UNet (and optionally the head) from disk."""
         init = self.config.init
+        for part, keys in (("UNet", ("unet_workdir", "unet_torch", "unet_params")),
+                           ("head", ("head_torch", "head_params"))):
+            given = [k for k in keys if init.get(k)]
+            if len(given) > 1:
+                raise UserError(f"init.{given[0]} and init.{given[1]} both set: give one source for the {part}")
         if init.get("unet_workdir"):
             unet = unet_from_workdir(init.unet_workdir, bool(init.get("unet_ema", True)), self.config)
             check_tree(unet, state.frozen["unet"], f"UNet of {init.unet_workdir}")
@@ -114,14 +121,28 @@ class FusionStage:
             template = jax.tree.map(np.asarray, jax.device_get(state.frozen["unet"]))
             unet = convert_unet(load_torch_state_dict(str(path)), template)
             state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
+        elif init.get("unet_params"):
+            from dmfuse_jax.conversion.npz import load_like
+            path = resolve_path(init.unet_params, "init.unet_params")
+            unet = load_like(path, "unet", state.frozen["unet"], "this config's UNet")
+            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
+            log.info("frozen UNet from params file %s", path)
         else:
-            warnings.warn("init.unet_workdir and init.unet_torch are empty: the frozen UNet is randomly "
-                          "initialised, its features are meaningless (fine for tests only)", stacklevel=2)
+            warnings.warn("init.unet_workdir, init.unet_torch and init.unet_params are empty: the frozen UNet "
+                          "is randomly initialised, its features are meaningless (fine for tests only)",
+                          stacklevel=2)
+        head = None
         if init.get("head_torch"):
             from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
             path = resolve_path(init.head_torch, "init.head_torch")
             template = jax.tree.map(np.asarray, jax.device_get(state.params["head"]))
             head = {"head": convert_fusion_head(load_torch_state_dict(str(path)), template)}
+        elif init.get("head_params"):
+            from dmfuse_jax.conversion.npz import load_like
+            path = resolve_path(init.head_params, "init.head_params")
+            head = {"head": load_like(path, "head", state.params["head"], "this config's fusion head")}
+            log.info("fusion head from params file %s (Adam starts fresh)", path)
+        if head is not None:
             state = state.replace(params=put_tree(head, shardings.params),
                                   ema_params=put_tree(head, shardings.ema_params))
         return state

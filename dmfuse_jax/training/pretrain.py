@@ -1,8 +1,9 @@
 """Stage 1: DDPM pretraining of the SR3 UNet (DESIGN.md section 2).
 
 Continuous noise level g ~ U[sqrt_acp_prev[t], sqrt_acp_prev[t-1]], t uniform, cosine schedule,
-L2 (or L1) epsilon loss, dropout on. Previews: a grid of reverse-diffusion samples of the EMA UNet
-(`p_sample_loop` respaced to `preview.sample_steps`), written as PNG.
+L2 (or L1) epsilon loss, dropout on. `init.unet_params` (a flat npz) starts from given params, with
+a fresh Adam state. Previews: a grid of reverse-diffusion samples of the EMA UNet (`p_sample_loop`
+respaced to `preview.sample_steps`), written as PNG.
 """
 from __future__ import annotations
 
@@ -68,7 +69,18 @@ class PretrainStage:
         return self.unet.init({"params": key}, x, jnp.ones((1,)))["params"], {}
 
     def load_pretrained(self, state, shardings):
-        return state
+        """`init.unet_params` (a flat npz, e.g. the default model's UNet): params and EMA start from
+        it, Adam from scratch (a params-only file holds no optimizer state)."""
+        path = self.config.get("init", {}).get("unet_params", "")
+        if not path:
+            return state
+        from dmfuse_jax.conversion.npz import load_like
+        from dmfuse_jax.training.fusion import put_tree
+
+        path = resolve_path(path, "init.unet_params")
+        unet = load_like(path, "unet", state.params, "this config's UNet")
+        return state.replace(params=put_tree(unet, shardings.params),
+                             ema_params=put_tree(unet, shardings.ema_params))
 
     def loss(self, params, frozen, batch, key):
         """batch['image']: (B, S, S, C) in [-1, 1]. Returns (loss, metrics)."""

@@ -1,0 +1,37 @@
+"""Stage 1 of the shipped default model: DDPM pretraining of the 1/4-width SR3 UNet (inner channels
+32, 24.47 M params, 3 channels) on the RoadScene images (the 221 infrared and 221 visible images of
+../shared/data/roadscene, found recursively, as RGB), 256x256 random crops, cosine schedule.
+
+  dmfuse train --config configs/roadscene_pretrain.py --workdir workdirs/roadscene_pretrain
+
+This is `configs/coco_pretrain.py` with the overrides of the run that made
+../shared/weights/dmfuse_jax_roadscene_unet_ema_fp16.npz folded in (one NVIDIA H100, jax 0.11.2,
+bfloat16 compute, about 450 images/s): global batch 32, Adam 2e-4 with 300 warmup steps, gradient
+clip 1, EMA 0.999, 3,000 steps (that run was stopped by its time limit after step 2,502 and shipped
+the EMA params of its step-2,500 checkpoint). Logged diffusion loss (L2 on epsilon): about 0.03 at
+the end (0.0323 at step 2,500). On a CPU use --config.model.dtype=float32 (XLA:CPU has no fast
+bfloat16 convolutions) and expect hours, not minutes.
+
+Continue training the default model's UNet instead of starting from scratch (params-only: Adam
+starts fresh, EMA starts at the loaded params):
+
+  dmfuse train --config configs/roadscene_pretrain.py --workdir workdirs/roadscene_pretrain_more \
+      --config.init.unet_params=../shared/weights/dmfuse_jax_roadscene_unet_ema_fp16.npz
+
+Then stage 2: configs/roadscene_fusion.py. Training data is RoadScene only: TNO and Harvard stay
+held out for evaluation.
+"""
+from dmfuse_jax.training import defaults
+
+
+def get_config():
+    config = defaults.pretrain_config(width=32, batch_size=32, total_steps=3000, checkpoint_every_steps=500,
+                                      root="../shared/data/roadscene")
+    config.name = "roadscene_pretrain"
+    config.data.color = "rgb"
+    config.data.worker_count = 0
+    config.model.dtype = "bfloat16"
+    config.optimizer.learning_rate = 2e-4
+    config.optimizer.warmup_steps = 300
+    config.optimizer.ema_decay = 0.999
+    return config

@@ -5,6 +5,7 @@ so that conversion is a rename plus layout transposes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -66,11 +67,70 @@ class ResnetBlock(nn.Module):
         return h + x
 
 
+# 'xla' attends densely up to this many tokens and chunks over query blocks above it: the dense
+# (B, N, N) float32 logits of a 4096x4096 pair at 1/16 (N = 65,536, B = 6) would take 103 GB.
+CHUNK_ABOVE_TOKENS = 8192
+QUERY_BLOCK = 1024
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """One head, all tokens at once: q, k, v (B, N, C) -> (B, N, C). Logits and softmax in float32,
+    matmuls in the inputs' dtype (as `jax.nn.dot_product_attention`'s XLA path)."""
+    return jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=scale)[:, :, 0]
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                      block: int = QUERY_BLOCK) -> jax.Array:
+    """`dense_attention` one block of queries at a time (`lax.map`): live memory O(block N) instead of
+    O(N^2). Each block's softmax runs over all keys, so the result is the dense one (same float32
+    logits); the block body is rematerialised in the backward pass, so training holds no N^2 either."""
+    b, n, c = q.shape
+    block = min(block, n)
+    n_blocks = -(-n // block)
+    qb = jnp.pad(q, ((0, 0), (0, n_blocks * block - n), (0, 0)))
+    qb = jnp.moveaxis(qb.reshape(b, n_blocks, block, c), 1, 0)  # (n_blocks, B, block, C)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(qi):
+        logits = jnp.einsum("bqc,bkc->bqk", qi, k, preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bqk,bkc->bqc", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+    out = jax.lax.map(one, qb)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * block, c)[:, :n]
+
+
+def _xla_attention(q, k, v, scale):
+    return (chunked_attention if q.shape[1] > CHUNK_ABOVE_TOKENS else dense_attention)(q, k, v, scale)
+
+
+def _cudnn_attention(q, k, v, scale):
+    if q.dtype not in (jnp.bfloat16, jnp.float16):  # cuDNN's fused attention is 16-bit only
+        return _xla_attention(q, k, v, scale)
+    return jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=scale,
+                                        implementation="cudnn")[:, :, 0]
+
+
+# config.model.unet.attention_impl -> fn(q, k, v, scale), q, k, v (B, N, C) -> (B, N, C)
+ATTENTION_IMPLS = {
+    "xla": _xla_attention,  # dense up to CHUNK_ABOVE_TOKENS tokens, query-chunked above
+    "chunked": chunked_attention,  # always query-chunked
+    "cudnn": _cudnn_attention,  # cuDNN flash attention (GPU; bf16/fp16 only: float32 goes to 'xla')
+}
+
+
+def attention_fn(impl: str | None):
+    try:
+        return ATTENTION_IMPLS[impl or "xla"]
+    except KeyError:
+        raise ValueError(f"unknown attention_impl {impl!r} (expected one of {sorted(ATTENTION_IMPLS)})") from None
+
+
 class SelfAttention(nn.Module):
     """One-head self-attention over all positions, residual. (B, H, W, C) -> (B, H, W, C).
 
-    Runs through `jax.nn.dot_product_attention` (cuDNN fused attention when `implementation` is
-    'cudnn'); softmax statistics stay in float32.
+    `implementation` picks the kernel (`ATTENTION_IMPLS`); q, k, v come out of the qkv convolution in
+    the compute dtype (bf16 under dtype=bfloat16), softmax statistics stay in float32.
     """
 
     groups: int
@@ -84,9 +144,8 @@ class SelfAttention(nn.Module):
         n = nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="norm")(x)
         qkv = _conv(3 * c, 1, self.dtype, self.param_dtype, "qkv", use_bias=False)(n)
-        q, k, v = jnp.split(qkv.reshape(b, h * w, 1, 3 * c), 3, axis=-1)
-        a = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c),
-                                         implementation=self.implementation)
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
+        a = attention_fn(self.implementation)(q, k, v, 1.0 / math.sqrt(c))
         out = _conv(c, 1, self.dtype, self.param_dtype, "out")(a.reshape(b, h, w, c))
         return out + x
 

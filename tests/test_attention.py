@@ -85,3 +85,21 @@ def test_xla_attention_chunks_above_the_token_threshold_with_the_same_result(tin
     np.testing.assert_allclose(run(unet)(params), dense, atol=1e-5, rtol=1e-5)
     # cuDNN's fused attention takes no float32: a float32 model with 'cudnn' runs the XLA path
     np.testing.assert_allclose(run(unet.clone(attention_impl="cudnn"))(params), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_criss_cross_auto_falls_back_to_the_reference_when_the_kernel_does_not_lower(monkeypatch, caplog):
+    """'auto' on a GPU whose Pallas Triton lowering fails (here: a CPU posing as a GPU, where the
+    non-interpret lowering cannot work) uses the jnp reference, with a warning, instead of failing."""
+    from dmfuse_jax.models import criss_cross as cc
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 5, 4))
+    v = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 5, 8))
+    cc._pallas_available.cache_clear()
+    monkeypatch.setattr(cc.jax, "default_backend", lambda: "gpu")
+    try:
+        with caplog.at_level("WARNING", logger=cc.__name__):
+            out = cc.criss_cross_attention(q, q, v, impl="auto")
+        assert "using the jnp reference" in caplog.text
+    finally:
+        cc._pallas_available.cache_clear()
+    np.testing.assert_array_equal(out, cc.criss_cross_reference(q, q, v))

@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     flops = flop_count.fuse_pairs(config, hb, wb, args.batch, args.dtype).total
     for _ in range(max(0, args.warmup - 1)):
         fuser.dispatch(irs, vis).result()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.iters):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fuser.dispatch(irs, vis).result()  # includes host padding + transfer, as in `dmfuse fuse`
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)  # this process's CPU seconds: steadier on a shared CPU
     med = statistics.median(times)
     per_pair = med / args.batch
     tflops = flops / med / 1e12
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compile + first batch: {first:.2f} s (compile {fuser.stats['compile_s']:.2f} s); "
           f"bucket {hb}x{wb}; {args.iters} timed batches, median {med * 1e3:.1f} ms "
           f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-    print(f"per pair: {per_pair * 1e3:.1f} ms; throughput {args.batch / med:.3f} pairs/s")
+    print(f"per pair: {per_pair * 1e3:.1f} ms; throughput {args.batch / med:.3f} pairs/s; "
+          f"process CPU time per batch (median) {statistics.median(cpu_times):.2f} s")
     print(f"FLOPs per pair (analytic, {hb}x{wb} bucket): {flops / args.batch / 1e9:.1f} GFLOP "
           f"(XLA cost analysis: {xla_flops / args.batch / 1e9:.1f}); "
           f"achieved {tflops:.3f} TFLOP/s" + (f" = {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s peak"
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                bucket=f"{hb}x{wb}", compile_s=fuser.stats["compile_s"], first_batch_s=first, ms_per_batch=med * 1e3,
                ms_per_pair=per_pair * 1e3, pairs_per_s=args.batch / med, gflop_per_pair=flops / args.batch / 1e9,
                flop_count="analytic (dmfuse_jax.flops)", xla_gflop_per_pair=xla_flops / args.batch / 1e9,
-               tflops=tflops, peak_tflops=peak, fraction_of_peak=tflops / peak if peak else None,
+               cpu_s_per_batch=statistics.median(cpu_times), tflops=tflops, peak_tflops=peak, fraction_of_peak=tflops / peak if peak else None,
                peak_device_bytes=peak_mem, xla_compiler_options=compilation.compiler_options())
     print("\n| device | width | dtype | batch | pair | ms/pair | pairs/s | GFLOP/pair | TFLOP/s | % of peak "
           "| peak memory |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -29,6 +29,41 @@ def noise_level_encoding(g: jax.Array, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(enc), jnp.cos(enc)], axis=-1)
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm with one-pass float32 statistics. (B, ..., C) -> (B, ..., C) in `dtype`.
+
+    Same parameters (scale, bias: (C,)) and the same maths as flax's `nn.GroupNorm` (biased variance
+    as E[x^2] - E[x]^2, float32), but the sum and the sum of squares come from ONE variadic reduction,
+    so the statistics read the input once on every backend, and the apply is one multiply-add per
+    element with per-(image, channel) coefficients, which XLA fuses with the activation that follows.
+    On CPU (XLA:CPU otherwise splits the two sums into windowed tree reductions over a float32 copy)
+    GroupNorm + SiLU of a bf16 (6, 96, 128, 64) tensor went from 108 to 27 MiB accessed.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c, g = x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {g} groups")
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
+        f32 = jnp.float32
+        xf = x.astype(f32).reshape(x.shape[0], -1, g, c // g)
+        total, total_sq = jax.lax.reduce((xf, xf * xf), (f32(0), f32(0)),
+                                         lambda a, b: (a[0] + b[0], a[1] + b[1]), (1, 3))  # (B, G)
+        n = xf.shape[1] * xf.shape[3]
+        mean = total / n
+        var = jnp.maximum(total_sq / n - mean * mean, 0.0)
+        mul = jax.lax.rsqrt(var + self.epsilon)[..., None] * scale.astype(f32).reshape(g, c // g)  # (B, G, C/G)
+        add = bias.astype(f32).reshape(g, c // g) - mean[..., None] * mul
+        return (xf * mul[:, None] + add[:, None]).reshape(x.shape).astype(self.dtype)
+
+
 class Block(nn.Module):
     """GroupNorm -> Swish -> Dropout -> Conv3x3. (B, H, W, C_in) -> (B, H, W, features)."""
 
@@ -40,15 +75,44 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="norm")(x)
+        x = GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="norm")(x)
         x = nn.swish(x)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return _conv(self.features, 3, self.dtype, self.param_dtype, "conv")(x)
 
 
+class SplitConv1x1(nn.Module):
+    """A 1x1 convolution of the channel concatenation of `parts`, computed as the sum of one
+    convolution per part over its slice of the kernel: conv(concat(a, b), W) = conv(a, W_a) + conv(b, W_b).
+    The concatenation is never materialised. Params as `nn.Conv` (kernel (1, 1, C_in, features), bias)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        cin = sum(p.shape[-1] for p in parts)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, cin, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        out, start = None, 0
+        for p in parts:
+            c = p.shape[-1]
+            y = jax.lax.conv_general_dilated(p.astype(self.dtype), kernel[:, :, start:start + c], (1, 1), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            out = y if out is None else out + y
+            start += c
+        return out + bias
+
+
 class ResnetBlock(nn.Module):
+    """x (B, H, W, C_in), or a tuple of parts whose channel concatenation is the input (the decoder's
+    (x, skip)): the concatenation then only feeds the first GroupNorm, where XLA fuses it into the
+    statistics and the normalisation, and the 1x1 residual convolution is split over the parts."""
+
     features: int
     groups: int
     dropout: float = 0.0
@@ -58,12 +122,17 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         h = Block(self.features, name="block1", **kw)(x)
         h = h + nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="noise_func")(emb)[:, None, None, :]
         h = Block(self.features, dropout=self.dropout, name="block2", **kw)(h, train)
         if x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.dtype, self.param_dtype, "res_conv")(x)
+            if len(parts) > 1:
+                x = SplitConv1x1(self.features, self.dtype, self.param_dtype, name="res_conv")(parts)
+            else:
+                x = _conv(self.features, 1, self.dtype, self.param_dtype, "res_conv")(x)
         return h + x
 
 
@@ -141,8 +210,8 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        n = nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="norm")(x)
+        n = GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="norm")(x)
         qkv = _conv(3 * c, 1, self.dtype, self.param_dtype, "qkv", use_bias=False)(n)
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
         a = attention_fn(self.implementation)(q, k, v, 1.0 / math.sqrt(c))
@@ -255,7 +324,7 @@ class UNet(nn.Module):
             width = self.level_channels()[level]
             for i in range(self.res_blocks + 1):
                 x = ResnetBlocWithAttn(width, with_attn=res in self.attn_res, name=f"ups_{idx}", **blk)(
-                    jnp.concatenate([x, skips.pop()], axis=-1), emb, train)
+                    (x, skips.pop()), emb, train)  # concat(x, skip), never materialised (ResnetBlock)
                 idx += 1
                 if i == 0:
                     tapped.append(x)

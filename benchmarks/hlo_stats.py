@@ -5,6 +5,7 @@ with each on PYTHONPATH.
 
   python benchmarks/hlo_stats.py --width 8 --dtype bfloat16                 # TNO-sized pair + pretrain step
   PYTHONPATH=/tmp/before python benchmarks/hlo_stats.py --width 8 --json before.json
+  python benchmarks/hlo_stats.py --parts blocks --width 8 --dtype bfloat16   # old vs new form, one run
 
 Instruction counts come from the optimised HLO text (`compiled.as_text()`): top-level fusions by
 kind, convolutions, standalone concatenates, and everything else per opcode; a fusion is one
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="576x768", help="HxW of the fused pair (default: TNO)")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-size", type=int, default=64)
-    p.add_argument("--parts", default="fuse,pretrain", help="comma list of fuse, pretrain, fusion")
+    p.add_argument("--parts", default="fuse,pretrain", help="comma list of fuse, pretrain, fusion, blocks "
+                                                              "(same-run A/B of the GroupNorm and skip-concat rewrites)")
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -108,10 +110,53 @@ def main(argv=None) -> int:
         rows[stage] = dict(stats(compiled), compile_s=time.perf_counter() - t,
                            what=f"{stage} step, width {args.width}, batch {args.train_batch}, "
                                 f"{args.train_size}x{args.train_size}, {args.dtype}")
+    if "blocks" in args.parts:
+        # Same-run A/B of the two rewrites on one decoder level's tensors (six UNet passes at 1/4 of
+        # a TNO pair, width-8 channels x 8): the old form vs the new one, compiled and timed.
+        import flax.linen as nn
+        import numpy as np
+
+        from dmfuse_jax.models.unet import GroupNorm, ResnetBlock
+
+        dt = jnp.dtype(args.dtype)
+        b, hh, ww, c = 6, h // 4, w // 4, 8 * args.width
+        key = jax.random.PRNGKey(0)
+        x = jax.random.normal(key, (b, hh, ww, c)).astype(dt)
+        skip = jax.random.normal(jax.random.PRNGKey(1), (b, hh, ww, c)).astype(dt)
+        emb = jnp.zeros((b, args.width), jnp.float32)
+        groups = min(32, args.width)
+        flax_gn = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dt)
+        ours_gn = GroupNorm(num_groups=groups, dtype=dt)
+        gn_params = flax_gn.init(key, x)
+        block = ResnetBlock(c, groups, dtype=dt)
+        block_params = block.init(key, (x, skip), emb)
+        cases = {
+            "groupnorm_silu_flax": (lambda p, x: nn.swish(flax_gn.apply(p, x)), (gn_params, x)),
+            "groupnorm_silu_one_pass": (lambda p, x: nn.swish(ours_gn.apply(p, x)), (gn_params, x)),
+            "decoder_block_concat": (lambda p, a, s, e: block.apply(p, jnp.concatenate([a, s], -1), e),
+                                     (block_params, x, skip, emb)),
+            "decoder_block_split": (lambda p, a, s, e: block.apply(p, (a, s), e), (block_params, x, skip, emb)),
+        }
+        for name, (fn, fargs) in cases.items():
+            t = time.perf_counter()
+            compiled = compilation.jit(fn).lower(*fargs).compile()
+            row = dict(stats(compiled), compile_s=time.perf_counter() - t,
+                       what=f"{name}, ({b}, {hh}, {ww}, {c}) {args.dtype}")
+            jax.block_until_ready(compiled(*fargs))
+            times, cpu = [], []
+            for _ in range(5):
+                t, tc = time.perf_counter(), time.process_time()
+                jax.block_until_ready(compiled(*fargs))
+                times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - tc)
+            row.update(median_ms=1e3 * float(np.median(times)), median_cpu_ms=1e3 * float(np.median(cpu)))
+            rows[name] = row
     for name, r in rows.items():
         print(f"{r['what']}: bytes accessed {r['bytes_accessed'] / 2**30:.3f} GiB, XLA flops "
               f"{r['xla_flops'] / 1e9:.1f} G, temp {(r['temp_bytes'] or 0) / 2**30:.3f} GiB, "
-              f"{r['instructions']} instructions (compile {r['compile_s']:.1f} s)")
+              f"{r['instructions']} instructions (compile {r['compile_s']:.1f} s)"
+              + (f"; run {r['median_ms']:.1f} ms wall, {r['median_cpu_ms']:.1f} ms process CPU (median of 5)"
+                 if "median_ms" in r else ""))
         print("   " + ", ".join(f"{k} {v}" for k, v in r["counts"].items()))
     if args.json:
         meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), backend=jax.default_backend(),

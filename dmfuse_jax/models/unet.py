@@ -183,7 +183,10 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
 
 
 def _xla_attention(q, k, v, scale):
-    return (chunked_attention if q.shape[1] > CHUNK_ABOVE_TOKENS else dense_attention)(q, k, v, scale)
+    n = q.shape[1]
+    # A symbolic token count (the jax.export artefact's symbolic H, W) cannot be compared: dense.
+    big = isinstance(n, int) and n > CHUNK_ABOVE_TOKENS
+    return (chunked_attention if big else dense_attention)(q, k, v, scale)
 
 
 def _cudnn_attention(q, k, v, scale):

@@ -96,36 +96,7 @@ class Block(nn.Module):
         return _conv(self.features, 3, self.dtype, self.param_dtype, "conv")(x)
 
 
-class SplitConv1x1(nn.Module):
-    """A 1x1 convolution of the channel concatenation of `parts`, computed as the sum of one
-    convolution per part over its slice of the kernel: conv(concat(a, b), W) = conv(a, W_a) + conv(b, W_b).
-    The concatenation is never materialised. Params as `nn.Conv` (kernel (1, 1, C_in, features), bias)."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
-        cin = sum(p.shape[-1] for p in parts)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, cin, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-        out, start = None, 0
-        for p in parts:
-            c = p.shape[-1]
-            y = jax.lax.conv_general_dilated(p.astype(self.dtype), kernel[:, :, start:start + c], (1, 1), "VALID",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            out = y if out is None else out + y
-            start += c
-        return out + bias
-
-
 class ResnetBlock(nn.Module):
-    """x (B, H, W, C_in), or a tuple of parts whose channel concatenation is the input (the decoder's
-    (x, skip)): the concatenation then only feeds the first GroupNorm, where XLA fuses it into the
-    statistics and the normalisation, and the 1x1 residual convolution is split over the parts."""
-
     features: int
     groups: int
     dropout: float = 0.0
@@ -135,17 +106,12 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
-        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         h = Block(self.features, name="block1", **kw)(x)
         h = h + nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="noise_func")(emb)[:, None, None, :]
         h = Block(self.features, dropout=self.dropout, name="block2", **kw)(h, train)
         if x.shape[-1] != self.features:
-            if len(parts) > 1:
-                x = SplitConv1x1(self.features, self.dtype, self.param_dtype, name="res_conv")(parts)
-            else:
-                x = _conv(self.features, 1, self.dtype, self.param_dtype, "res_conv")(x)
+            x = _conv(self.features, 1, self.dtype, self.param_dtype, "res_conv")(x)
         return h + x
 
 
@@ -340,7 +306,7 @@ class UNet(nn.Module):
             width = self.level_channels()[level]
             for i in range(self.res_blocks + 1):
                 x = ResnetBlocWithAttn(width, with_attn=res in self.attn_res, name=f"ups_{idx}", **blk)(
-                    (x, skips.pop()), emb, train)  # concat(x, skip), never materialised (ResnetBlock)
+                    jnp.concatenate([x, skips.pop()], axis=-1), emb, train)
                 idx += 1
                 if i == 0:
                     tapped.append(x)

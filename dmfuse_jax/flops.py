@@ -25,7 +25,6 @@ from typing import Any, Callable
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,6 @@ def portable_config(config):
         config.model.head.caim_impl = "reference"
         config.model.unet.attention_impl = "xla"
     return config
-
-
-def _shapes(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
 
 
 def unet_forward(config, height: int, width: int, batch: int = 1, taps: bool = False,

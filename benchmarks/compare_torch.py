@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - PyTorch| (fp32) before timing")
     ap.add_argument("--head-weights", default=str(DEFAULT_HEAD), help="released head (used at width 32)")
     ap.add_argument("--caim-impl", default="auto", choices=("auto", "reference", "pallas"))
-    ap.add_argument("--attention-impl", default="xla", choices=("xla", "cudnn"))
+    ap.add_argument("--attention-impl", default="xla", choices=("xla", "chunked", "cudnn"))
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--json", help="write all figures to this JSON file")
     args = ap.parse_args(argv)

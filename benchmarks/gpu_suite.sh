@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU figure the speed work reports (docs/speed.md, benchmarks/RESULTS.md), in three parts that
+# Every GPU figure the speed work reports (docs/speed.md, benchmarks/RESULTS.md), in parts that
 # each fit in under ten minutes on one H100/H200, so a short device lease can run them one by one.
+# The table of issue 13 is: compare (TNO pair and 256x256 batch 16 against the authors' modules),
+# throughput (the same with the analytic TFLOP/s and % of peak), sizes (largest pair, up to 4096),
+# train (stage-1 and stage-2 MFU by the analytic count) and folder (compilations for the TNO folder).
 #
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh kernel    # env, kernel tests compiled for the GPU, caim_kernel.py
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh compare   # compare_torch.py: 576x768x1, 256x256x1, 256x256x16
-#   OUT=gpu_results bash benchmarks/gpu_suite.sh throughput  # fuse_throughput.py: TNO and 256x256 b16, fp32/bf16
-#   OUT=gpu_results bash benchmarks/gpu_suite.sh sizes     # fuse_throughput.py: largest pair per CAIM path
+#   OUT=gpu_results bash benchmarks/gpu_suite.sh throughput  # fuse_throughput.py: TNO and 256x256 b16, fp32/bf16, attention impls
+#   OUT=gpu_results bash benchmarks/gpu_suite.sh sizes     # fuse_throughput.py: largest pair per CAIM path, up to 4096x4096
+#   OUT=gpu_results bash benchmarks/gpu_suite.sh train     # train_throughput.py: both stages, width 32, batch 16, 256, bf16
+#   OUT=gpu_results bash benchmarks/gpu_suite.sh folder    # bucket_policy.py: TNO folder, --max-buckets 0 vs 3
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh all
 #
 # Needs one Python with CUDA builds of jax and torch (PYTHON, default python3) and this package's
@@ -97,16 +102,35 @@ run_compare() {
 }
 
 run_throughput() {
+  # GFLOP/pair, TFLOP/s and % of peak come from the analytic count (dmfuse_jax.flops), as on every backend.
   fuse tno_fp32 --dtype float32 --iters 20 "${CAIM[@]}"
   fuse tno_bf16 --dtype bfloat16 --iters 20 "${CAIM[@]}"
+  fuse tno_bf16_cudnn --dtype bfloat16 --attention-impl cudnn --iters 20 "${CAIM[@]}"
   fuse 256_b16_bf16 --dtype bfloat16 --size 256x256 --batch 16 --iters 20 "${CAIM[@]}"
+  fuse 256_b16_bf16_cudnn --dtype bfloat16 --attention-impl cudnn --size 256x256 --batch 16 --iters 20 "${CAIM[@]}"
   fuse 256_b16_fp32 --dtype float32 --size 256x256 --batch 16 --iters 20 "${CAIM[@]}"
 }
 
 run_sizes() {
   # Largest image per CAIM path, bf16 (the serving setting), one pair; a failure here is a finding.
-  for s in 2048 2560 3072; do fuse "pallas_${s}" --dtype bfloat16 --size "${s}x${s}" --caim-impl pallas --iters 2; done
+  # Above 8192 attention tokens (1448x1448 and up) the UNet's 'xla' attention runs query-chunked.
+  for s in 2048 3072 4096; do fuse "pallas_${s}" --dtype bfloat16 --size "${s}x${s}" --caim-impl pallas --iters 2; done
+  fuse pallas_4096_cudnn --dtype bfloat16 --size 4096x4096 --caim-impl pallas --attention-impl cudnn --iters 2
   for s in 1024 1280 1536; do fuse "reference_${s}" --dtype bfloat16 --size "${s}x${s}" --caim-impl reference --iters 2; done
+}
+
+run_train() {
+  # MFU by the analytic count of the step (forward + backward as traced); stage 1 is the issue's target.
+  for dt in bfloat16 float32; do
+    step "train_$dt" "$PY" "$HERE/benchmarks/train_throughput.py" --stage both --width 32 --batch 16 --size 256 \
+      --dtype "$dt" --steps 10 --json "$OUT/parts/train_$dt.json"
+  done
+}
+
+run_folder() {
+  # The TNO folder (25 pairs, 11 sizes) with the bundled default model: compilations, compile and fuse
+  # seconds, and PSNR of the 3-bucket policy against one bucket per 64-rounded size (and against a seed change).
+  step bucket_policy "$PY" "$HERE/benchmarks/bucket_policy.py" --policies 0,3,1 --json "$OUT/parts/folder_buckets.json"
 }
 
 case "$part" in
@@ -114,8 +138,10 @@ case "$part" in
   compare) run_compare; merge_json compare ;;
   throughput) run_throughput; merge_json throughput ;;
   sizes) run_sizes; merge_json sizes ;;
-  all) for p in kernel compare throughput sizes; do part=$p; "run_$p"; merge_json "$p"; done ;;
-  *) echo "usage: gpu_suite.sh kernel|compare|throughput|sizes|all" >&2; exit 2 ;;
+  train) run_train; merge_json train ;;
+  folder) run_folder; merge_json folder ;;
+  all) for p in kernel compare throughput sizes train folder; do part=$p; "run_$p"; merge_json "$p"; done ;;
+  *) echo "usage: gpu_suite.sh kernel|compare|throughput|sizes|train|folder|all" >&2; exit 2 ;;
 esac
 echo "failed steps: $failed"
 exit "$failed"

@@ -5,7 +5,10 @@
 
 The step is the real one (`Trainer.train_step`: forward, backward, Adam, EMA) on a synthetic batch
 that is already on the devices, so the figure is the model's, not the input pipeline's. FLOPs come
-from XLA's cost analysis of the compiled step; MFU = FLOPs / step time / peak. The peak comes from
+from the analytic count of the step (`dmfuse_jax.flops.train_step`: convolutions and matmuls of
+forward and backward as traced, 2 per multiply-add; the same on every backend, where XLA's cost
+analysis misses cuDNN convolutions on GPU; XLA's figure is kept in the JSON); MFU = FLOPs / step
+time / peak. The peak comes from
 a small table by device kind (dense bf16 for bfloat16, fp32 otherwise; per device, times the device
 count) or from --peak-tflops. Unknown devices (CPUs) print MFU only with --peak-tflops.
 """
@@ -47,7 +50,7 @@ def measure(stage_name: str, args) -> dict:
     import jax
     import numpy as np
 
-    from dmfuse_jax import compilation
+    from dmfuse_jax import compilation, flops as flop_count
     from dmfuse_jax.config_lib import load_config
     from dmfuse_jax.training.train import build_stage
     from dmfuse_jax.training.trainer import Trainer
@@ -73,9 +76,8 @@ def measure(stage_name: str, args) -> dict:
     t0 = time.perf_counter()
     step = trainer.compile()
     compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan")))
+    xla_flops = flop_count.xla_flops(step)
+    flops = flop_count.train_step(config).total
     for _ in range(args.warmup):
         state, metrics = step(state, batch)
     jax.block_until_ready(state)
@@ -90,7 +92,8 @@ def measure(stage_name: str, args) -> dict:
     achieved = flops / dt / 1e12
     return dict(stage=stage_name, device=f"{n_dev}x {kind}", width=args.width, batch=args.batch, size=args.size,
                 dtype=args.dtype, compile_s=compile_s, step_ms=dt * 1e3, images_per_s=args.batch / dt,
-                gflop_per_step=flops / 1e9, tflops=achieved,
+                gflop_per_step=flops / 1e9, flop_count="analytic (dmfuse_jax.flops)",
+                xla_gflop_per_step=xla_flops / 1e9, tflops=achieved,
                 mfu=(achieved / (peak * n_dev)) if peak else None, peak=peak, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 xla_compiler_options=compilation.compiler_options())

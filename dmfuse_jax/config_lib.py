@@ -16,7 +16,7 @@ def unet_config(width: int = 32, *, in_channels: int = 3, out_channels: int = 3,
         in_channels=in_channels, out_channels=out_channels, inner_channels=width,
         channel_mults=tuple(channel_mults), res_blocks=res_blocks, attn_res=tuple(attn_res),
         image_size=image_size, norm_groups=norm_groups, dropout=dropout,
-        attention_impl=attention_impl,  # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
+        attention_impl=attention_impl,  # 'xla' | 'chunked' | 'cudnn' (models.unet.ATTENTION_IMPLS)
     ))
 
 

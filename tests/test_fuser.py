@@ -204,3 +204,36 @@ def test_not_a_checkpoint_and_other_config_are_named_errors(tmp_path, tiny_bundl
         checkpoints.resolve("a.pth,b.pth")
     meta = json.loads((tiny_bundle / bundle_lib.MARKER).read_text())
     assert meta["source"] == "random"
+
+
+def test_merge_buckets_covers_every_image_with_at_most_max_buckets():
+    # the 25 TNO pairs (H, W) rounded to 64: 8 shapes
+    tno = ([(576, 768)] * 9 + [(450, 620)] * 6 + [(270, 360)] * 2 + [(475, 575), (512, 512), (256, 256),
+           (328, 595), (551, 749), (480, 640), (371, 472), (496, 632)])
+    base = [buckets.bucket_shape(h, w, 64) for h, w in tno]
+    assert len(set(base)) == 8
+    for k in (1, 2, 3, 8):
+        to_bucket = buckets.merge_buckets(base, k)
+        assert len(set(to_bucket.values())) == min(k, 8)
+        assert all(b[0] >= s[0] and b[1] >= s[1] for s, b in to_bucket.items()), k
+    assert buckets.merge_buckets(base, 8) == {s: s for s in base}
+    assert set(buckets.merge_buckets(base, 1).values()) == {(576, 768)}
+    plan = buckets.plan_batches(tno, 64, batch_size=4, max_buckets=3)
+    assert len({shape[1:] for shape, _ in plan}) == 3 and sorted(i for _, idx in plan for i in idx) == list(range(25))
+    with pytest.raises(ValueError, match="max_buckets"):
+        buckets.merge_buckets(base, 0)
+
+
+def test_mixed_size_folder_compiles_at_most_max_buckets_times(tiny_config, tiny_params):
+    from dmfuse_jax.inference import fuser as fuser_mod
+
+    fuser = Fuser(config=tiny_config, params=tiny_params, bucket=32, max_buckets=2, seed=5)
+    sizes = [(20, 30), (40, 24), (33, 50), (64, 64), (70, 40), (32, 32), (30, 62)]  # 6 shapes at 32
+    rng = np.random.default_rng(0)
+    irs = [rng.random(s + (1,), dtype=np.float32) for s in sizes]
+    vis = [rng.random(s + (1,), dtype=np.float32) for s in sizes]
+    traces = fuser_mod.TRACE_COUNT[0]
+    out = fuser.fuse_luma(irs, vis, batch_size=3)
+    assert fuser_mod.TRACE_COUNT[0] - traces == len(fuser.stats["compiled"]) <= 2, fuser.stats["compiled"]
+    assert [o.shape for o in out] == [s + (1,) for s in sizes], "outputs cropped back to the input sizes"
+    assert all(np.isfinite(o).all() and 0 <= o.min() and o.max() <= 1 for o in out)

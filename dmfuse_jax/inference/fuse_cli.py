@@ -21,7 +21,7 @@ from dmfuse_jax.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dmfuse_jax.inference.buckets import DEFAULT_MULTIPLE
+    from dmfuse_jax.inference.buckets import DEFAULT_MAX_BUCKETS, DEFAULT_MULTIPLE
     from dmfuse_jax.inference.colour import MODES
 
     p.add_argument("--ir", required=True, help="infrared image, or folder of them (medical: the grey MRI/CT)")
@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="pairs of one shape bucket fused together (default: %(default)s)")
     p.add_argument("--bucket", type=int, default=DEFAULT_MULTIPLE,
                    help="pad H and W up to multiples of this (a multiple of 16); one compile per bucket (default: %(default)s)")
+    p.add_argument("--max-buckets", type=int, default=DEFAULT_MAX_BUCKETS,
+                   help="merge the folder's buckets down to at most this many shapes, by least added padding "
+                        "(0: no merging, one bucket per rounded size) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default: %(default)s)")
     p.add_argument("--resize", action="store_true",
                    help="resize the infrared image to the visible size when they differ (default: error)")
@@ -98,10 +101,12 @@ def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
 
 def run(args) -> int:
     from dmfuse_jax.data.images import read_image, write_image_atomic
-    from dmfuse_jax.inference import buckets, colour
+    from dmfuse_jax.inference import colour
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.max_buckets < 0:
+        raise UserError(f"--max-buckets must be >= 0 (got {args.max_buckets})")
     pairs = collect_pairs(args.ir, args.vis, args.out)
     sizes = check_pairs(pairs, args.resize)
 
@@ -120,6 +125,7 @@ def run(args) -> int:
         ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
         try:
             fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed, bucket=args.bucket,
+                          max_buckets=args.max_buckets,
                           dtype=args.dtype, mode=args.mode, sixteen_bit=args.sixteen_bit, source=ck.source)
         except ValueError as e:  # e.g. a bucket that is not a multiple of the stride
             raise UserError(f"--bucket {args.bucket}: {e}") from None
@@ -128,7 +134,7 @@ def run(args) -> int:
         what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed})"
     t_load = time.perf_counter() - t_load
 
-    plan = buckets.plan_batches(sizes, fuser.bucket_multiple(), args.batch_size)
+    plan = fuser.plan(sizes, args.batch_size)
     n_buckets = len({shape for shape, _ in plan})
 
     def load(idx):
@@ -154,9 +160,9 @@ def run(args) -> int:
     done = 0
     in_flight = None
     try:
-        for (b, _, _), idx in plan:
+        for (b, hb, wb), idx in plan:
             prepared = load(idx)  # host reads overlap the device work of the batch in flight
-            pending = fuser.dispatch([p.ir for p in prepared], [p.vi for p in prepared], batch=b)
+            pending = fuser.dispatch([p.ir for p in prepared], [p.vi for p in prepared], batch=b, shape=(hb, wb))
             if in_flight is not None:
                 write(*in_flight)
                 done += len(in_flight[0])

@@ -174,19 +174,28 @@ class PairFusion:
     # compile seconds and compiled (batch, height, width) shapes of this instance
     stats: dict = field(default_factory=lambda: {"compile_s": 0.0, "compiled": []}, init=False, repr=False)
 
-    def dispatch(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch: int | None = None) -> Pending:
+    def dispatch(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch: int | None = None,
+                 shape: tuple[int, int] | None = None) -> Pending:
         raise NotImplementedError
 
     def bucket_multiple(self) -> int:
         """Images are grouped (and padded) to multiples of this; 1 = exact sizes."""
         return 1
 
+    def bucket_limit(self) -> int | None:
+        """At most this many bucket shapes per call (`buckets.merge_buckets`); None = no merging."""
+        return None
+
+    def plan(self, sizes: Sequence[tuple[int, int]], batch_size: int):
+        """`buckets.plan_batches` with this fuser's bucket policy: [((B, Hb, Wb), [indices]), ...]."""
+        return buckets.plan_batches(sizes, self.bucket_multiple(), batch_size, self.bucket_limit())
+
     def fuse_luma(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
         """Luminance pairs (H_i, W_i, 1) in [0, 1] -> fused (H_i, W_i, 1), batched by bucket."""
-        plan = buckets.plan_batches([x.shape[:2] for x in irs], self.bucket_multiple(), batch_size)
+        plan = self.plan([x.shape[:2] for x in irs], batch_size)
         out: list = [None] * len(irs)
-        for (b, _, _), idx in plan:
-            res = self.dispatch([irs[i] for i in idx], [vis[i] for i in idx], batch=b).result()
+        for (b, hb, wb), idx in plan:
+            res = self.dispatch([irs[i] for i in idx], [vis[i] for i in idx], batch=b, shape=(hb, wb)).result()
             for i, r in zip(idx, res):
                 out[i] = r
         return out
@@ -205,7 +214,8 @@ class Fuser(PairFusion):
     """DMFuse with given params. Build with `load(checkpoint)` or `Fuser(config, params)`.
 
     config: the model config; params: {'unet', 'head'} numpy tree; seed: diffusion noise seed;
-    bucket: shape-bucket multiple (see `buckets.py`); dtype: compute dtype override ('float32',
+    bucket: shape-bucket multiple and max_buckets: at most this many bucket shapes per call
+    (see `buckets.py`; None: one per rounded shape); dtype: compute dtype override ('float32',
     'bfloat16'); source: where the params came from (for messages).
     """
 
@@ -213,6 +223,7 @@ class Fuser(PairFusion):
     params: Any = None
     seed: int = 0
     bucket: int = buckets.DEFAULT_MULTIPLE
+    max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS
     dtype: str | None = None
     source: str = ""
 
@@ -231,6 +242,9 @@ class Fuser(PairFusion):
     def bucket_multiple(self) -> int:
         return self.bucket
 
+    def bucket_limit(self) -> int | None:
+        return self.max_buckets or None
+
     def _executable(self, b: int, hb: int, wb: int):
         import jax
         import jax.numpy as jnp
@@ -247,13 +261,19 @@ class Fuser(PairFusion):
             self.stats["compiled"].append((b, hb, wb))
         return exe
 
-    def dispatch(self, irs, vis, batch=None) -> Pending:
-        """Starts fusing luminance images of ONE bucket (asynchronously); pads the batch to `batch`."""
+    def dispatch(self, irs, vis, batch=None, shape=None) -> Pending:
+        """Starts fusing luminance images of ONE bucket (asynchronously): padded to `shape` (a plan's
+        bucket; default: their common `bucket`-multiple shape); pads the batch to `batch`."""
         sizes = [x.shape[:2] for x in irs]
-        shapes = {buckets.bucket_shape(h, w, self.bucket) for h, w in sizes}
-        if len(shapes) != 1:
-            raise ValueError(f"dispatch takes images of one bucket, got buckets {sorted(shapes)}")
-        (hb, wb), = shapes
+        if shape is None:
+            shapes = {buckets.bucket_shape(h, w, self.bucket) for h, w in sizes}
+            if len(shapes) != 1:
+                raise ValueError(f"dispatch takes images of one bucket, got buckets {sorted(shapes)}")
+            (shape,) = shapes
+        hb, wb = shape
+        if hb % self.stride or wb % self.stride or any(h > hb or w > wb for h, w in sizes):
+            raise ValueError(f"bucket {hb}x{wb} is not a multiple of the UNet stride {self.stride} "
+                             f"or does not cover the sizes {sorted(set(sizes))}")
         b = max(batch or len(irs), len(irs))
         ir = np.stack([buckets.pad_to(x, (hb, wb)) for x in irs])
         vi = np.stack([buckets.pad_to(x, (hb, wb)) for x in vis])
@@ -282,20 +302,21 @@ class MethodFuser(PairFusion):
         self._fn = BASELINES[self.method]
         self.source = f"method {self.method}"
 
-    def dispatch(self, irs, vis, batch=None) -> Pending:
+    def dispatch(self, irs, vis, batch=None, shape=None) -> Pending:
         outs = [np.clip(np.asarray(self._fn(a[..., 0], b[..., 0]), np.float32), 0, 1)[..., None]
                 for a, b in zip(irs, vis)]
         return Pending(None, [o.shape[:2] for o in outs], outs)
 
 
 def load(checkpoint: str | None = None, *, config=None, ema: bool | None = None, seed: int = 0,
-         bucket: int = buckets.DEFAULT_MULTIPLE, dtype: str | None = None, mode: str = "auto",
-         sixteen_bit: str = "minmax") -> Fuser:
+         bucket: int = buckets.DEFAULT_MULTIPLE, max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS,
+         dtype: str | None = None, mode: str = "auto", sixteen_bit: str = "minmax") -> Fuser:
     """A `Fuser` from a checkpoint: a training workdir, an inference bundle, or "UNET.pth,HEAD.pth"
     (then `config`, a config file or ConfigDict, is required). None: the bundled default model.
     See `checkpoints.resolve` for the details; `ema`: None = EMA params when the workdir has them."""
     from dmfuse_jax.inference.checkpoints import resolve
 
     ck = resolve(checkpoint, config=config, ema=ema)
-    return Fuser(config=ck.config, params=ck.params, seed=seed, bucket=bucket, dtype=dtype, mode=mode,
+    return Fuser(config=ck.config, params=ck.params, seed=seed, bucket=bucket, max_buckets=max_buckets,
+                 dtype=dtype, mode=mode,
                  sixteen_bit=sixteen_bit, source=ck.source)

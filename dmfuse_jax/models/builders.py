@@ -25,7 +25,7 @@ def build_unet(config, dtype: str | None = None) -> UNet:
         in_channels=u.in_channels, out_channels=u.out_channels, inner_channels=u.inner_channels,
         channel_mults=tuple(u.channel_mults), res_blocks=u.res_blocks, attn_res=tuple(u.attn_res),
         image_size=u.image_size, norm_groups=u.norm_groups, dropout=u.dropout,
-        attention_impl=None if attention_impl == "xla" else attention_impl,
+        attention_impl=attention_impl,
         dtype=dtype_of(dtype or config.model.get("dtype", "float32")),
     )
 

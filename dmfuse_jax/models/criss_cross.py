@@ -6,9 +6,14 @@ of the values along that path. No 1/sqrt(d) scaling (as the authors' code).
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 
 def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -35,10 +40,22 @@ def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return ((jnp.swapaxes(out_col, 1, 2) + out_row) / total[..., None]).astype(v.dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _pallas_available() -> bool:
+    """Whether the kernel lowers on this GPU: its Triton lowering is deprecated in jax 0.11 and may
+    be missing in a later jax or jaxlib build. Probed once per process by compiling (not running)
+    a tiny forward and backward; any failure means 'auto' uses the reference, with one warning."""
     try:
-        from dmfuse_jax.models import criss_cross_pallas  # noqa: F401
-    except ImportError:
+        from jax.experimental.pallas import triton  # noqa: F401
+
+        from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
+
+        x = jax.ShapeDtypeStruct((1, 16, 16, 16), jnp.float32)
+        loss = lambda q: jnp.sum(criss_cross_pallas(q, q, q, interpret=False))
+        jax.jit(jax.grad(loss)).lower(x).compile()
+    except Exception as e:  # noqa: BLE001 - ImportError, lowering or compile errors alike
+        log.warning("criss-cross Pallas kernel unavailable on this GPU (%s: %s); using the jnp reference",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         return False
     return True
 

@@ -5,9 +5,8 @@ and the classical baselines, then score every folder with `dmfuse evaluate` (all
   python benchmarks/quality_tno.py --skip-fuse                       # re-score existing fused folders
   python benchmarks/quality_tno.py --datasets tno --methods dmfuse,average --markdown docs/quality.md
 
-Fused images go to OUT/<dataset>/<method>/<name>.png (default OUT: /work/outputs/quality when it
-exists, else outputs/quality), through the same commands a user runs: `dmfuse fuse` (default model,
-or --checkpoint) and `dmfuse fuse --method NAME`; medical pairs with `--mode medical`. Then per
+Fused images go to OUT/<dataset>/<method>/<name>.png (default OUT: outputs/quality), through the
+same commands a user runs: `dmfuse fuse` (default model, or --checkpoint) and `dmfuse fuse --method NAME`; medical pairs with `--mode medical`. Then per
 dataset `dmfuse evaluate` writes OUT/<dataset>/metrics.csv, summary.md and radar.png (+ _bars.png).
 `--skip-fuse` only scores (e.g. after a change of metric conventions), `--fuse-only` only fuses.
 `--markdown` writes one file with every dataset's table (TNO's with the paper's DMFuse figures in a
@@ -26,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT_OUT = Path("/work/outputs/quality") if Path("/work/outputs").is_dir() else ROOT / "outputs" / "quality"
+DEFAULT_OUT = ROOT / "outputs" / "quality"
 
 # dataset -> (infrared / first-modality folder, visible / second-modality folder, fuse mode)
 DATASETS: dict[str, tuple[str, str, str]] = {

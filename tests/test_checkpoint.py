@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 TIMEOUT = 240
 

@@ -1,4 +1,5 @@
-"""Image files in and out: reading (8/16-bit, grey/RGB), pair matching, YCbCr, atomic PNG writes.
+"""Image files in and out: reading (8/16-bit, grey/RGB), pair matching, YCbCr, atomic writes, and
+the check that an output path can be written, run before any work.
 
 Every error names the file and the problem (`UserError`), so the CLI can print it and exit non-zero.
 """
@@ -189,6 +190,28 @@ def _write_atomic(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_output_path(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+    """Fails early, before any work, when `path` (a file, or a folder with `folder`) cannot be written:
+    it lies under a regular file, in a folder that is not writable (read-only filesystem, /proc,
+    permissions), or it exists as the other kind. The error names `path` and `what` (e.g. '--out').
+    Creates nothing: writability is proven by a temporary folder in the nearest existing parent, removed
+    at once. Returns `path`."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{path}: {what} is a {'file' if folder else 'folder'}, expected a "
+                        f"{'folder' if folder else 'file name'}")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists():  # also False for a path under a regular file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot create {what}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dmfuse-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{path}: cannot create {what}: {existing} is not writable ({e.strerror})") from None
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

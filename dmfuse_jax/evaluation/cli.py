@@ -160,7 +160,12 @@ def _default_workers(n_tasks: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from dmfuse_jax.evaluation import report
 
+    from dmfuse_jax.data.images import check_output_path
+
     metric_names = _parse_metrics(args.metrics)
+    for flag, path in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            check_output_path(path, flag)
     if args.workers < 0:
         raise UserError(f"--workers: must be >= 0, got {args.workers}")
     methods, tasks = build_tasks(args.ir, args.vis, args.fused)

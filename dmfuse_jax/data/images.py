@@ -154,11 +154,49 @@ def match_pairs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *,
     return [(k, a[k], b[k]) for k in sorted(a)]
 
 
+# ITU-R BT.601 luma weights: the Y of YCbCr; an RGB-stored grey image (equal channels) maps to itself.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luma(x):
+    """(..., 1 | 3) -> (..., 1): a colour image's BT.601 luma (the Y of `rgb_to_ycbcr`), a grey one as is.
+    The one grey conversion of the package (data pipelines, colour routes, the model): numpy or jax
+    arrays, dtype kept."""
+    if x.shape[-1] == 1:
+        return x
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got an input of shape {tuple(x.shape)}")
+    return LUMA[0] * x[..., 0:1] + LUMA[1] * x[..., 1:2] + LUMA[2] * x[..., 2:3]
+
+
+# model.input_range -> the interval [lo, hi] that images in [0, 1] are mapped to for the model
+# (DESIGN.md section 4: '-1_1' the paper, '0_1' the released test code).
+INPUT_RANGES = {"-1_1": (-1.0, 1.0), "0_1": (0.0, 1.0)}
+
+
+def _input_range(name: str) -> tuple[float, float]:
+    if name not in INPUT_RANGES:
+        raise UserError(f"unknown model.input_range {name!r} (expected one of {', '.join(map(repr, INPUT_RANGES))})")
+    return INPUT_RANGES[name]
+
+
+def to_model_range(x01, input_range: str):
+    """Images in [0, 1] -> the model range of `input_range`; numpy or jax arrays, dtype kept."""
+    lo, hi = _input_range(input_range)
+    return x01 * (hi - lo) + lo
+
+
+def from_model_range(y, input_range: str):
+    """Model-range values -> [0, 1], clipped; numpy or jax arrays, dtype kept."""
+    lo, hi = _input_range(input_range)
+    return ((y - lo) / (hi - lo)).clip(0.0, 1.0)
+
+
 # ITU-R BT.601 full-range YCbCr (as JPEG and OpenCV's RGB2YCrCb), on [0, 1] values.
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1] (chroma centred on 0.5)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
+    y = luma(rgb)[..., 0]
     cb = (b - y) * 0.564 + 0.5
     cr = (r - y) * 0.713 + 0.5
     return np.stack([y, cb, cr], axis=-1)

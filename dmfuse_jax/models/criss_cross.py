@@ -34,19 +34,11 @@ def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return ((jnp.swapaxes(out_col, 1, 2) + out_row) / total[..., None]).astype(v.dtype)
 
 
-def _pallas_available() -> bool:
-    try:
-        from dmfuse_jax.models import criss_cross_pallas  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
     """Dispatch: 'reference' (jnp), 'pallas' (GPU kernel; interpret mode off-GPU), or 'auto'
-    (the kernel on GPU when it is available, the reference elsewhere). Shapes as the reference."""
+    (the kernel on GPU, the reference elsewhere). Shapes as the reference."""
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl == "reference":
         return criss_cross_reference(q, k, v)
     if impl == "pallas":

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         overrides = [f"model.unet.inner_channels={args.width}", f"model.unet.norm_groups={min(32, args.width)}",
                      f"model.dtype={args.dtype}", f"batch_size={args.train_batch}"]
         overrides += ([f"model.unet.image_size={args.train_size}"] if stage == "pretrain"
-                      else [f"data.patch_size={args.train_size}", "init.unet_workdir=''"])
+                      else [f"data.patch_size={args.train_size}", "init.unet_workdir="])
         config = load_config(str(path), overrides)
         import warnings
         warnings.filterwarnings("ignore", message="init.unet_workdir and init.unet_torch are empty")

@@ -56,7 +56,7 @@ def measure(stage_name: str, args) -> dict:
     from dmfuse_jax.training.trainer import Trainer
 
     overrides = [f"model.unet.inner_channels={args.width}", f"model.dtype={args.dtype}",
-                 f"batch_size={args.batch}", "init.unet_workdir=''" if stage_name == "fusion" else "seed=0"]
+                 f"batch_size={args.batch}", "init.unet_workdir=" if stage_name == "fusion" else "seed=0"]
     if args.groups:
         overrides.append(f"model.unet.norm_groups={args.groups}")
     if stage_name == "pretrain":

@@ -1,7 +1,8 @@
 """The `dmfuse` command line: one entry point, subcommands from a registry.
 
-Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`
-(and optionally `parse(parser, argv) -> args`).
+Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`.
+A module with `CONFIG_FLAGS = True` takes ml_collections config flags (`--config.KEY=VALUE`): the
+arguments its parser does not know reach `run` as `args.config_flags`, for `config_lib.config_from_flags`.
 Modules are imported lazily so `dmfuse info` does not pay for the training stack.
 """
 from __future__ import annotations
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"dmfuse {name}", description=help_text)
     module.add_arguments(sub)
-    # A command with free-form arguments (train's --config.KEY=VALUE) parses them itself.
-    args = module.parse(sub, argv[1:]) if hasattr(module, "parse") else sub.parse_args(argv[1:])
+    if getattr(module, "CONFIG_FLAGS", False):
+        args, config_flags = sub.parse_known_args(argv[1:])
+        args.config_flags = config_flags
+    else:
+        args = sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -4,6 +4,10 @@ Every size in the model comes from here; the configs only choose values.
 """
 from __future__ import annotations
 
+import re
+import warnings
+from typing import Sequence
+
 import ml_collections
 
 
@@ -83,53 +87,123 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(tuples(json.loads(text)))
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a config file (optionally `path:arg`) and applies `key=value` overrides."""
-    import ast
-    import importlib.util
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (`path` or `path:arg`) with `KEY=VALUE` overrides
+    (e.g. "model.dtype=bfloat16"; a leading `--config.` is allowed), parsed as `config_from_flags`."""
+    flags = [f"--config.{o.removeprefix('--').removeprefix('config.')}" for o in overrides]
+    return config_from_flags(path, flags)
+
+
+def config_from_flags(path: str, argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The ml_collections way: `ml_collections.config_flags` loads `--config=path[:arg]` and applies the
+    `--config.KEY=VALUE` (or `--config.KEY VALUE`) flags in `argv`, each parsed as its key's type.
+
+    Runs on a fresh absl `FlagValues`, so it can be called any number of times in one process. Every
+    problem (missing or broken file, unknown key, a value of the wrong type, a stray argument) is a
+    one-line `UserError` naming the file or the key. The config comes back unlocked, as the file made it.
+    """
     import os
+
+    from absl import flags as absl_flags
 
     from dmfuse_jax.errors import UserError
 
-    arg = None
-    if ":" in os.path.basename(path):
-        path, arg = path.rsplit(":", 1)
-    if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location("dmfuse_user_config", path)
-    module = importlib.util.module_from_spec(spec)
+    if not os.path.isfile(path.split(":", 1)[0]):
+        raise UserError(f"config file not found: {path.split(':', 1)[0]}")
+    values = absl_flags.FlagValues()
     try:
-        spec.loader.exec_module(module)
-        config = module.get_config(arg) if arg is not None else module.get_config()
-    except Exception as e:  # a broken config file is the user's problem, reported with its name
-        raise UserError(f"could not load config {path}: {type(e).__name__}: {e}") from e
-    for item in overrides or []:
-        key, _, raw = item.partition("=")
-        key = key.removeprefix("--").removeprefix("config.")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            old = node[leaf]
-        except (KeyError, AttributeError):
-            raise UserError(f"config {path} has no key {key!r} (override {item!r})") from None
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if isinstance(old, float) and isinstance(value, int):
-            value = float(value)
-        with config.unlocked() if hasattr(config, "unlocked") else _null():
-            node[leaf] = value
+        config, rest = _parse_config_flags(path, argv, values)
+    except absl_flags.IllegalFlagValueError as e:
+        key = re.match(r"flag --config\.([\w.]+)=", str(e))
+        if key is None:  # the file itself failed (config_flags wraps its TypeError/ValueError)
+            raise _diagnose(path, argv, e) from None
+        raise UserError(f"--config.{key.group(1)}: expected {_type_name(values, key.group(1))}; "
+                        f"{str(e).splitlines()[0].split(': ', 1)[-1]}") from None
+    except absl_flags.Error as e:  # an unknown flag, flags out of order, a key type with no parser
+        raise UserError(str(e).splitlines()[0].split(" Currently supported types")[0]) from None
+    except Exception as e:  # noqa: BLE001 - get_config raised, or an override named a key the config lacks
+        raise _diagnose(path, argv, e) from None
+    if len(rest) > 1:
+        raise UserError(f"unrecognized argument(s): {' '.join(rest[1:])} (config overrides are --config.KEY=VALUE)")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise _diagnose(path, (), None)
     return config
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _parse_config_flags(path: str, argv: Sequence[str], values=None):
+    """-> (config, unparsed arguments), parsed on `values` (a fresh absl FlagValues by default);
+    raises what absl / config_flags raise."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
 
-    def __exit__(self, *a):
-        return False
+    _accept_any_literal_for_none_keys()
+    full = ["dmfuse", f"--config={path}", *argv]
+    values = absl_flags.FlagValues() if values is None else values
+    holder = config_flags.DEFINE_config_file("config", flag_values=values, lock_config=False, sys_argv=full)
+    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        rest = values(full)
+    return holder.value, rest
+
+
+def _diagnose(path: str, argv: Sequence[str], error: Exception | None) -> Exception:
+    """config_flags reports a broken config file and an override of a key the config lacks as bare
+    exceptions: loads the file alone to tell them apart, and names the file or the key."""
+    from ml_collections.config_flags import config_path
+
+    from dmfuse_jax.errors import UserError
+
+    try:
+        config = _parse_config_flags(path, ())[0]
+    except Exception as e:  # noqa: BLE001 - a broken config file is the user's problem, reported with its name
+        return UserError(f"could not load config {path}: {_last_line(e)}")
+    error = getattr(config, "_error", None)  # config_flags' stand-in for a get_config that raised OSError
+    if isinstance(error, BaseException):
+        return UserError(f"could not load config {path}: {_last_line(error)}")
+    if not isinstance(config, ml_collections.ConfigDict):
+        return UserError(f"could not load config {path}: get_config() returned {type(config).__name__!r}, "
+                         "not a ConfigDict")
+    for item in argv:
+        m = re.match(r"-{1,2}(?:no)?config\.([^=]+)", item)
+        if m is None:
+            continue
+        try:
+            config_path.get_value(m.group(1), config)
+        except (KeyError, AttributeError, IndexError, ValueError):
+            return UserError(f"config {path} has no key {m.group(1)!r} (override {item!r})")
+    return UserError(f"config {path}: cannot apply {' '.join(argv)}: {_last_line(error)}")
+
+
+def _last_line(e: BaseException | None) -> str:
+    """One line for an exception; config_flags puts the config file's traceback in the message, whose
+    last line is the original error."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1].strip()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _type_name(values, key: str) -> str:
+    from ml_collections.config_flags import config_path
+    try:
+        return config_path.get_type(key, values["config"].value).__name__
+    except Exception:  # noqa: BLE001 - only for the message
+        return "another type"
+
+
+def _accept_any_literal_for_none_keys() -> None:
+    """A key set to None has no type in a ConfigDict, and config_flags has no parser for NoneType: give
+    it a Python literal (or, failing that, the string), as config_flags does for `object` fields."""
+    import ast
+
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    class AnyLiteral(absl_flags.ArgumentParser):
+        def parse(self, argument):
+            try:
+                return ast.literal_eval(argument)
+            except (ValueError, SyntaxError):
+                return argument
+
+    config_flags.register_flag_parser_for_type(type(None), AnyLiteral())

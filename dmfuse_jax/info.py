@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import platform
 
-from dmfuse_jax.config_lib import load_config
+from dmfuse_jax.config_lib import config_from_flags
+
+# Takes --config.KEY=VALUE overrides (ml_collections config flags), as `dmfuse train`.
+CONFIG_FLAGS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/dmfuse_quarter.py", help="config file (default: %(default)s)")
+    parser.add_argument("--config", default="configs/dmfuse_quarter.py",
+                        help="config file (default: %(default)s); override keys with --config.KEY=VALUE, "
+                             "e.g. --config.model.unet.inner_channels=64 (the 1/2 model)")
     parser.add_argument("--size", type=int, default=256, help="square input size for the FLOP counts")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
 
@@ -43,7 +48,7 @@ def run(args) -> int:
 
     import dmfuse_jax
 
-    config = load_config(args.config)
+    config = config_from_flags(args.config, getattr(args, "config_flags", ()))
     versions = {"dmfuse-jax": dmfuse_jax.__version__, "python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "chex", "numpy"):
         try:

@@ -98,7 +98,6 @@ def test_size_mismatch_is_an_error_without_resize(tmp_path, bundle, capsys):
 
 
 def test_channel_counts_alpha_is_dropped_two_channel_array_is_refused(tmp_path, capsys):
-    pytest.importorskip("dmfuse_jax.evaluation.baselines", reason="baselines module not available")
     _img(tmp_path / "ir" / "a.png", (40, 48), mode="LA")      # grey + alpha: alpha dropped
     _img(tmp_path / "vi" / "a.png", (40, 48), mode="RGBA")    # colour + alpha: alpha dropped
     out = tmp_path / "out"

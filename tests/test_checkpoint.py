@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 TIMEOUT = 240
 
@@ -238,7 +238,7 @@ def test_config_change_is_refused_in_place(runs, tmp_path):
         restore(wd, ["optimizer.learning_rate=0.5"])
     assert step_dirs(wd) == ["2", "4", "6"] and not (wd / "corrupt_checkpoints").exists()
     # A kernel choice is not a config change: the same weights whichever runs.
-    (state, step), _ = restore(wd, ["model.head.caim_impl='pallas'"])
+    (state, step), _ = restore(wd, ["model.head.caim_impl=pallas"])
     assert step == 6
 
 

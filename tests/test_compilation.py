@@ -1,13 +1,12 @@
 """dmfuse_jax.compilation: the per-jit XLA options (YNNPACK convolutions off on CPU)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-
-from dmfuse_jax import compilation  # noqa: E402
+from dmfuse_jax import compilation
 
 
 def _conv(x, w):

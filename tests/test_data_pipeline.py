@@ -10,6 +10,7 @@ from PIL import Image
 
 from dmfuse_jax.data import fusion_pairs as fp
 from dmfuse_jax.data import pipeline as pl
+from dmfuse_jax.data.images import LUMA
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform, cached_file_list, scan_image_tree
 from dmfuse_jax.errors import UserError
 
@@ -180,7 +181,7 @@ def test_patch_index_and_same_window_for_both_modalities(pair_dirs):
     assert el["ir"].shape == (16, 16, 1) and el["vi"].shape == (16, 16, 1)
     ir_full = np.asarray(Image.open(train[pair][1]), np.float32) / 255.0
     np.testing.assert_allclose(el["ir"][..., 0], ir_full[y:y + 16, x:x + 16] * 2 - 1, atol=1e-6)
-    vi_full = np.asarray(Image.open(train[pair][2]), np.float32) / 255.0 @ fp.LUMA
+    vi_full = np.asarray(Image.open(train[pair][2]), np.float32) / 255.0 @ np.asarray(LUMA, np.float32)
     np.testing.assert_allclose(el["vi"][..., 0], vi_full[y:y + 16, x:x + 16] * 2 - 1, atol=1e-5)
     prev = fp.preview_pairs(held, size=64, multiple=4)
     assert prev["ir"].shape == (1, 28, 28, 1) and prev["names"] == ["p2"]

@@ -17,7 +17,7 @@ from PIL import Image
 from dmfuse_jax.data import fusion_pairs as fp
 from dmfuse_jax.data import pipeline as pl
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 pytestmark = pytest.mark.multiprocess
 TIMEOUT = int(os.environ.get("DMFUSE_TEST_TIMEOUT", "600"))  # seconds per run; raise on a loaded machine

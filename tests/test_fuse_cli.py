@@ -122,7 +122,6 @@ def test_seed_and_resize_options(tmp_path, bundle):
 
 
 def test_method_baseline_uses_the_colour_route(tmp_path):
-    pytest.importorskip("dmfuse_jax.evaluation.baselines", reason="baselines module not available")
     vis = read_image(sorted((DATA / "roadscene" / "vi").iterdir())[0])[100:150, 200:260]
     ir = read_image(sorted((DATA / "roadscene" / "ir").iterdir())[0])[100:150, 200:260]
     _save(tmp_path / "ir" / "x.png", ir)

@@ -157,9 +157,9 @@ def test_quickstart_test_bundle_loads_and_is_not_the_default():
 
 def _fake_workdir(path, config, weights):
     """A workdir as `dmfuse train` leaves it, written with the training module's own names."""
-    ck = pytest.importorskip("dmfuse_jax.training.checkpoint",
-                             reason="dmfuse_jax.training.checkpoint (training engineer) not available")
     import orbax.checkpoint as ocp
+
+    from dmfuse_jax.training import checkpoint as ck
 
     ck.write_config(path, config)
     mgr = ocp.CheckpointManager((path / ck.CHECKPOINT_DIR).absolute(), item_names=("weights", "meta"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 LAUNCH = T.REPO_ROOT / "launch"
 TIMEOUT = int(os.environ.get("DMFUSE_TEST_TIMEOUT", "600"))  # seconds per run; raise on a loaded machine

@@ -10,8 +10,8 @@ import pytest
 from conftest import DATA
 from dmfuse_jax.data.images import read_image
 from dmfuse_jax.models import build_dmfuse, build_unet, to_model_range
-from dmfuse_jax.models.init import init_dmfuse_params, init_params
 from dmfuse_jax.training.fusion_loss import fusion_loss_from_config
+from helpers import init_dmfuse_params, init_params
 
 
 def _init_dmfuse(config, seed=0):

@@ -16,7 +16,7 @@ import socket
 import numpy as np
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 pytestmark = pytest.mark.multiprocess
 TIMEOUT = 300

@@ -1,6 +1,6 @@
 """Params-only initialisation (`init.unet_params`, `init.head_params`: flat npz files such as the
 default model's): stage 1 and stage 2 start from the file's values, with a fresh Adam state, and train.
-Tiny configs (dmfuse_jax.training.testing.TINY), in-process, one step each."""
+Tiny configs (tests/helpers.py: TINY), in-process, one step each."""
 from __future__ import annotations
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 
 from dmfuse_jax.conversion import npz as npz_lib
 from dmfuse_jax.errors import UserError
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 
 def _trainer(stage_name: str, extra: list[str]):

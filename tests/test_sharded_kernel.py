@@ -21,10 +21,10 @@ import textwrap
 
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 SCRIPT = textwrap.dedent("""
-    import json, re
+    import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     from dmfuse_jax.models.criss_cross import criss_cross_attention
     from dmfuse_jax.training.sharding import batch_sharding, make_mesh
@@ -55,10 +55,11 @@ SCRIPT = textwrap.dedent("""
     report["out_spec"] = str(got[0].sharding.spec)
 
     # -- the fusion train step with CAIM through the kernel, data parallel over 8 devices
-    from dmfuse_jax.training.testing import tiny_config
+    sys.path.insert(0, "tests")  # for tests/helpers.py (the cwd is the repo root)
+    from helpers import tiny_config
     from dmfuse_jax.training.train import build_stage
     from dmfuse_jax.training.trainer import Trainer
-    config = tiny_config("fusion", ["model.head.caim_impl='pallas'", "batch_size=8"])
+    config = tiny_config("fusion", ["model.head.caim_impl=pallas", "batch_size=8"])
     trainer = Trainer(config, build_stage(config), mesh=make_mesh((8, 1)))
     lowered = trainer.lower()
     report["train_step_shard_map"] = "manual_computation" in lowered.as_text()

@@ -17,13 +17,14 @@ import textwrap
 
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     MESHES = [(1, 1), (2, 4)] + ([(8, 1)] if "--slow" in sys.argv else [])
-    from dmfuse_jax.training.testing import one_step_on_meshes
+    sys.path.insert(0, "tests")  # for tests/helpers.py (the cwd is the repo root)
+    from helpers import one_step_on_meshes
     assert jax.device_count() == 8, jax.devices()
     report = {}
     for stage in ("pretrain", "fusion"):

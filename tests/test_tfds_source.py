@@ -13,7 +13,7 @@ import pytest
 from dmfuse_jax.data import pipeline as pl
 from dmfuse_jax.data.pretrain import TfdsSource
 from dmfuse_jax.errors import UserError
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="data.source='tfds' needs tensorflow-datasets")
 

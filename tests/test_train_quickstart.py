@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from dmfuse_jax.training import testing as T
+import helpers as T
 
 PRETRAIN_SHORT = ["total_steps=30", "checkpoint_every_steps=30", "log_every_steps=10", "preview_every_steps=30",
                   "preview.num_samples=4", "preview.sample_steps=5", "data.num_threads=1"]

@@ -26,6 +26,7 @@ def run(args) -> int:
     from dmfuse_jax.inference import bundle as bundle_lib
     from dmfuse_jax.inference.checkpoints import load_torch_pair
 
+    bundle_lib.check_bundle_out(args.out, args.overwrite)
     config = load_config(args.config)
     notes: list[str] = []
     params = load_torch_pair(args.unet, args.head, config, notes)

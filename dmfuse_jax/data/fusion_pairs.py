@@ -10,34 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dmfuse_jax.data.images import match_pairs, read_image
+from dmfuse_jax.data.images import luma, match_pairs, probe_image, read_image, to_model_range
 from dmfuse_jax.errors import UserError
-
-LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
-
-
-def grey(img: np.ndarray) -> np.ndarray:
-    """(H, W, 1 | 3) in [0, 1] -> (H, W, 1)."""
-    return img if img.shape[-1] == 1 else (img @ LUMA)[..., None]
-
-
-def scale_to_range(x01: np.ndarray, input_range: str) -> np.ndarray:
-    """[0, 1] -> the model range ('-1_1' or '0_1'), float32 (numpy twin of models.to_model_range)."""
-    if input_range == "-1_1":
-        return (x01 * 2.0 - 1.0).astype(np.float32)
-    if input_range == "0_1":
-        return x01.astype(np.float32)
-    raise UserError(f"unknown model.input_range {input_range!r} (expected '-1_1' or '0_1')")
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-        raise UserError(f"{path}: not a readable image: {e}") from None
 
 
 def split_pairs(ir_dir, vi_dir, num_holdout: int = 0, max_pairs: int = 0):
@@ -56,10 +30,10 @@ def check_sizes(pairs) -> list[tuple[int, int]]:
     """(height, width) per pair; any pair whose two images differ in size is an error listing all."""
     sizes, bad = [], []
     for name, a, b in pairs:
-        sa, sb = image_size(a), image_size(b)
-        if sa != sb:
-            bad.append(f"  {name}: infrared {a} is {sa[0]}x{sa[1]}, visible {b} is {sb[0]}x{sb[1]}")
-        sizes.append((sa[1], sa[0]))
+        (ha, wa), (hb, wb) = probe_image(a), probe_image(b)
+        if (ha, wa) != (hb, wb):
+            bad.append(f"  {name}: infrared {a} is {wa}x{ha}, visible {b} is {wb}x{hb}")
+        sizes.append((ha, wa))
     if bad:
         raise UserError("infrared/visible size mismatch in " + str(len(bad)) + " pair(s):\n" + "\n".join(bad))
     return sizes
@@ -111,8 +85,8 @@ class PairedPatchSource:
         got = self._cache.get(i)
         if got is None:
             _, a, b = self.pairs[i]
-            got = (scale_to_range(grey(read_image(a)), self.input_range),
-                   scale_to_range(grey(read_image(b)), self.input_range))
+            got = (to_model_range(luma(read_image(a)), self.input_range),
+                   to_model_range(luma(read_image(b)), self.input_range))
             self._cache[i] = got
         return got
 
@@ -131,7 +105,7 @@ def preview_pairs(pairs, size: int, multiple: int, input_range: str = "-1_1") ->
     rounded down to `multiple`), stacked: {'ir', 'vi': (N, s, s, 1)} in the model range, 'names'."""
     if not pairs:
         return {}
-    imgs = [(grey(read_image(a)), grey(read_image(b))) for _, a, b in pairs]
+    imgs = [(luma(read_image(a)), luma(read_image(b))) for _, a, b in pairs]
     s = min([size] + [min(i.shape[:2]) for i, _ in imgs])
     s -= s % multiple
     if s < multiple:
@@ -142,6 +116,6 @@ def preview_pairs(pairs, size: int, multiple: int, input_range: str = "-1_1") ->
         y, x = (h - s) // 2, (w - s) // 2
         return img[y:y + s, x:x + s]
 
-    return {"ir": scale_to_range(np.stack([crop(i) for i, _ in imgs]), input_range),
-            "vi": scale_to_range(np.stack([crop(v) for _, v in imgs]), input_range),
+    return {"ir": to_model_range(np.stack([crop(i) for i, _ in imgs]), input_range),
+            "vi": to_model_range(np.stack([crop(v) for _, v in imgs]), input_range),
             "names": [n for n, _, _ in pairs]}

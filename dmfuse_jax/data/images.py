@@ -1,4 +1,5 @@
-"""Image files in and out: reading (8/16-bit, grey/RGB), pair matching, YCbCr, atomic PNG writes.
+"""Image files in and out: reading (8/16-bit, grey/RGB), pair matching, YCbCr, atomic writes, and
+the check that an output path can be written, run before any work.
 
 Every error names the file and the problem (`UserError`), so the CLI can print it and exit non-zero.
 """
@@ -153,11 +154,49 @@ def match_pairs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *,
     return [(k, a[k], b[k]) for k in sorted(a)]
 
 
+# ITU-R BT.601 luma weights: the Y of YCbCr; an RGB-stored grey image (equal channels) maps to itself.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luma(x):
+    """(..., 1 | 3) -> (..., 1): a colour image's BT.601 luma (the Y of `rgb_to_ycbcr`), a grey one as is.
+    The one grey conversion of the package (data pipelines, colour routes, the model): numpy or jax
+    arrays, dtype kept."""
+    if x.shape[-1] == 1:
+        return x
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got an input of shape {tuple(x.shape)}")
+    return LUMA[0] * x[..., 0:1] + LUMA[1] * x[..., 1:2] + LUMA[2] * x[..., 2:3]
+
+
+# model.input_range -> the interval [lo, hi] that images in [0, 1] are mapped to for the model
+# (DESIGN.md section 4: '-1_1' the paper, '0_1' the released test code).
+INPUT_RANGES = {"-1_1": (-1.0, 1.0), "0_1": (0.0, 1.0)}
+
+
+def _input_range(name: str) -> tuple[float, float]:
+    if name not in INPUT_RANGES:
+        raise UserError(f"unknown model.input_range {name!r} (expected one of {', '.join(map(repr, INPUT_RANGES))})")
+    return INPUT_RANGES[name]
+
+
+def to_model_range(x01, input_range: str):
+    """Images in [0, 1] -> the model range of `input_range`; numpy or jax arrays, dtype kept."""
+    lo, hi = _input_range(input_range)
+    return x01 * (hi - lo) + lo
+
+
+def from_model_range(y, input_range: str):
+    """Model-range values -> [0, 1], clipped; numpy or jax arrays, dtype kept."""
+    lo, hi = _input_range(input_range)
+    return ((y - lo) / (hi - lo)).clip(0.0, 1.0)
+
+
 # ITU-R BT.601 full-range YCbCr (as JPEG and OpenCV's RGB2YCrCb), on [0, 1] values.
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1] (chroma centred on 0.5)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
+    y = luma(rgb)[..., 0]
     cb = (b - y) * 0.564 + 0.5
     cr = (r - y) * 0.713 + 0.5
     return np.stack([y, cb, cr], axis=-1)
@@ -189,6 +228,28 @@ def _write_atomic(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_output_path(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+    """Fails early, before any work, when `path` (a file, or a folder with `folder`) cannot be written:
+    it lies under a regular file, in a folder that is not writable (read-only filesystem, /proc,
+    permissions), or it exists as the other kind. The error names `path` and `what` (e.g. '--out').
+    Creates nothing: writability is proven by a temporary folder in the nearest existing parent, removed
+    at once. Returns `path`."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{path}: {what} is a {'file' if folder else 'folder'}, expected a "
+                        f"{'folder' if folder else 'file name'}")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists():  # also False for a path under a regular file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot create {what}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dmfuse-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{path}: cannot create {what}: {existing} is not writable ({e.strerror})") from None
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

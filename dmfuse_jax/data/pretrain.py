@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmfuse_jax.data.images import IMAGE_EXTENSIONS, is_image_file, read_image
+from dmfuse_jax.data.images import IMAGE_EXTENSIONS, is_image_file, luma, read_image, to_model_range
 from dmfuse_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def to_channels(img: np.ndarray, color: str, channels: int) -> np.ndarray:
     'rgb' keeps colour (a grey image is repeated)."""
     if color == "grey":
         if img.shape[-1] == 3:
-            img = (img @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
+            img = luma(img)
         return np.repeat(img, channels, axis=-1) if channels != 1 else img
     if color == "rgb":
         if channels != 3:
@@ -193,5 +193,5 @@ class PretrainTransform:
         if self.flip and rng.random() < 0.5:
             img = img[:, ::-1]
         img = to_channels(np.clip(img, 0.0, 1.0), self.color, self.channels)
-        return {"image": np.ascontiguousarray(img * 2.0 - 1.0, dtype=np.float32),
+        return {"image": np.ascontiguousarray(to_model_range(img, "-1_1"), dtype=np.float32),
                 "skipped": np.int32(element.get("skipped", 0))}

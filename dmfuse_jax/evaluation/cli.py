@@ -67,22 +67,9 @@ def _parse_metrics(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; UserError for a file that is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read image: {e}") from None
-
-
 def build_tasks(ir_dir: str, vis_dir: str, fused_dirs: list[str]) -> tuple[list[str], list[Task]]:
     """Matches the pairs and the fused images and checks every file's size, before any scoring."""
-    from dmfuse_jax.data.images import list_images, match_pairs
+    from dmfuse_jax.data.images import list_images, match_pairs, probe_image
 
     pairs = match_pairs(ir_dir, vis_dir)
     methods: list[str] = []
@@ -109,18 +96,20 @@ def build_tasks(ir_dir: str, vis_dir: str, fused_dirs: list[str]) -> tuple[list[
                             f"({len(extra)} unmatched image(s) in {d}: {', '.join(extra[:10])})")
         methods.append(name)
         fused_maps.append(by_stem)
+    def wxh(hw: tuple[int, int]) -> str:
+        return f"{hw[1]}x{hw[0]}"
+
     tasks: list[Task] = []
     for stem, ir_path, vis_path in pairs:
-        size = _image_size(ir_path)
-        if _image_size(vis_path) != size:
-            raise UserError(f"{vis_path}: size {'x'.join(map(str, _image_size(vis_path)))} differs from "
-                            f"the infrared image {ir_path} ({'x'.join(map(str, size))})")
+        size, vsize = probe_image(ir_path), probe_image(vis_path)
+        if vsize != size:
+            raise UserError(f"{vis_path}: size {wxh(vsize)} differs from the infrared image {ir_path} ({wxh(size)})")
         fused = []
         for method, by_stem in zip(methods, fused_maps):
-            fsize = _image_size(by_stem[stem])
+            fsize = probe_image(by_stem[stem])
             if fsize != size:
-                raise UserError(f"{by_stem[stem]}: size {'x'.join(map(str, fsize))} differs from its "
-                                f"source pair {stem!r} ({'x'.join(map(str, size))})")
+                raise UserError(f"{by_stem[stem]}: size {wxh(fsize)} differs from its "
+                                f"source pair {stem!r} ({wxh(size)})")
             fused.append((method, by_stem[stem]))
         tasks.append((stem, ir_path, vis_path, fused))
     return methods, tasks
@@ -198,7 +187,12 @@ def _default_workers(n_tasks: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from dmfuse_jax.evaluation import report
 
+    from dmfuse_jax.data.images import check_output_path
+
     metric_names = _parse_metrics(args.metrics)
+    for flag, path in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            check_output_path(path, flag)
     if args.workers < 0:
         raise UserError(f"--workers: must be >= 0, got {args.workers}")
     color = args.color or CONVENTIONS[args.convention].color

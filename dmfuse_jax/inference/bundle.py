@@ -47,6 +47,15 @@ def config_to_json(config) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
 
 
+def check_bundle_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Before any work: `out` can be created as a folder, and does not exist unless `overwrite`."""
+    from dmfuse_jax.data.images import check_output_path
+
+    check_output_path(out, "--out", folder=True)
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{Path(out).absolute()}: already exists (pass --overwrite to replace it)")
+
+
 def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Creates folder `out` by calling fill(tmp) on a temporary sibling, then renaming it into place.
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import bundle as bundle_lib
+from dmfuse_jax.inference.params import check_params_fit, param_shapes
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "default_bundle"
 
@@ -54,8 +55,6 @@ def load_torch_pair(unet_path: str, head_path: str, config, notes: list | None =
     """Converts an SR3 UNet .pth and a DMFuse head .pth to the params of `config`'s model."""
     from dmfuse_jax.conversion import (ConversionError, convert_fusion_head, convert_unet,
                                        load_torch_state_dict)
-    from dmfuse_jax.inference.fuser import param_shapes
-
     shapes = param_shapes(config)
     params = {}
     for name, path, convert in (("unet", unet_path, convert_unet), ("head", head_path, convert_fusion_head)):
@@ -86,11 +85,8 @@ def load_torch_pair(unet_path: str, head_path: str, config, notes: list | None =
 
 
 def _load_workdir(path: Path, ema: bool | None, notes: list):
-    try:
-        from dmfuse_jax.training import checkpoint as ck
-    except ImportError as e:
-        raise UserError(f"{path}: looks like a training workdir, but reading it needs "
-                        f"dmfuse_jax.training.checkpoint ({e})") from None
+    from dmfuse_jax.training import checkpoint as ck
+
     config = ck.load_workdir_config(path)
     if ema is None:  # EMA params when the run kept them, else the raw ones
         try:
@@ -115,8 +111,6 @@ def _load_workdir(path: Path, ema: bool | None, notes: list):
 
 def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = None) -> Checkpoint:
     """A checkpoint spec -> Checkpoint(config, float32 numpy params, kind, source, notes)."""
-    from dmfuse_jax.inference.fuser import check_params_fit
-
     config = _as_config(config)
     notes: list[str] = []
     if spec is None:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from dmfuse_jax.data.images import map_high_bit_depth, rgb_to_ycbcr, ycbcr_to_rgb
+from dmfuse_jax.data.images import luma, map_high_bit_depth, rgb_to_ycbcr, ycbcr_to_rgb
 from dmfuse_jax.errors import UserError
 
 
@@ -22,11 +22,6 @@ class FuseInputError(UserError, ValueError):
 
 def is_colour(x: np.ndarray) -> bool:
     return x.shape[-1] == 3
-
-
-def luma(x: np.ndarray) -> np.ndarray:
-    """(H, W, 1 | 3) -> (H, W, 1): the Y of BT.601 YCbCr (the model's own grey conversion)."""
-    return rgb_to_ycbcr(x)[..., :1].astype(np.float32) if is_colour(x) else x
 
 
 # A route decides, for one pair (first = --ir, second = --vis), which image takes the model's

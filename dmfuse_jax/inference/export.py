@@ -39,11 +39,12 @@ def export_fuse(config, params, *, dtype: str | None = None, platforms: Sequence
     import jax.numpy as jnp
     from jax import export as jax_export
 
-    from dmfuse_jax.inference.fuser import _model, _portable, config_key, fuse_function
+    from dmfuse_jax.inference.fuser import _portable, fuse_function
+    from dmfuse_jax.inference.params import cached_model, config_key
 
     config = _portable(config)
     dtype = dtype or config.model.get("dtype", "float32")
-    model, cfg = _model(config_key(config, dtype))
+    model, cfg = cached_model(config_key(config, dtype))
     store = jnp.dtype(dtype)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     flat = [np.asarray(x).astype(store) for x in leaves]

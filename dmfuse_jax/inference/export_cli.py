@@ -38,6 +38,7 @@ def run(args) -> int:
     from dmfuse_jax.inference import bundle as bundle_lib
     from dmfuse_jax.inference.checkpoints import resolve
 
+    bundle_lib.check_bundle_out(args.out, args.overwrite)
     ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
     for note in ck.notes:
         print(note)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dmfuse_jax.data.images import probe_image
+from dmfuse_jax.data.images import check_output_path, probe_image
 from dmfuse_jax.errors import UserError
 
 
@@ -108,6 +108,8 @@ def run(args) -> int:
     if args.max_buckets < 0:
         raise UserError(f"--max-buckets must be >= 0 (got {args.max_buckets})")
     pairs = collect_pairs(args.ir, args.vis, args.out)
+    for folder in sorted({out.parent for _, _, _, out in pairs}):
+        check_output_path(folder, "--out", folder=True)
     sizes = check_pairs(pairs, args.resize)
 
     t_load = time.perf_counter()

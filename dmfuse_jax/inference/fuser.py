@@ -14,7 +14,6 @@ was fused in), so the same input and seed give the same output.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,81 +24,12 @@ from dmfuse_jax import compilation
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import buckets, colour
 from dmfuse_jax.inference.colour import FuseInputError  # noqa: F401 - part of the API (bad arrays)
+from dmfuse_jax.inference.params import cached_model, check_params_fit, config_key
+from dmfuse_jax.inference.params import random_params  # noqa: F401 - part of the API (random models)
 
 # Incremented each time the fuse function is traced (a Python side effect runs only while tracing):
 # tests use it to prove that a folder of mixed sizes compiles once per bucket, not once per image.
 TRACE_COUNT = [0]
-
-
-def config_key(config, dtype: str | None = None) -> str:
-    """The parts of a config that decide the model (and so a compiled function), as canonical JSON."""
-    model = json.loads(config.model.to_json_best_effort())
-    if dtype:
-        model["dtype"] = dtype
-    return json.dumps({"model": model, "diffusion": json.loads(config.diffusion.to_json_best_effort())},
-                      sort_keys=True)
-
-
-def _config_from_key(key: str):
-    from dmfuse_jax.config_lib import config_from_json
-    return config_from_json(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _model(key: str):
-    from dmfuse_jax.models import build_dmfuse
-    config = _config_from_key(key)
-    return build_dmfuse(config, config.model.get("dtype", "float32")), config
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shapes(key: str):
-    import jax
-    import jax.numpy as jnp
-
-    model, _ = _model(key)
-    s = 2 * model.unet.total_stride
-    x = jnp.zeros((1, s, s, 1), jnp.float32)
-    rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)}
-    return jax.eval_shape(lambda: model.init(rngs, x, x, method=model.init_all))["params"]
-
-
-def param_shapes(config) -> Any:
-    """The param tree of `config`'s model as ShapeDtypeStructs (traced, never computed)."""
-    return _param_shapes(config_key(config))
-
-
-def random_params(config, seed: int = 0) -> dict:
-    """Random float32 numpy params for `config` without running flax init (fast on CPU), with CAIM's
-    gamma set to 0.1 (non-zero, so the attention path matters). For tests, demos and benchmarks."""
-    from dmfuse_jax.models.init import params_from_shapes
-
-    params = params_from_shapes(param_shapes(config), seed)
-    params["head"]["crossatten"]["gamma"] = np.full((1,), 0.1, np.float32)
-    return params
-
-
-def check_params_fit(config, params, source: str, config_name: str = "the config") -> None:
-    """Errors (naming `source`) unless `params` has exactly the shapes `config`'s model needs."""
-    from flax import traverse_util
-
-    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(param_shapes(config)).items()}
-    try:
-        have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
-    except Exception:  # noqa: BLE001 - not a nested dict of arrays
-        raise UserError(f"{source}: params are not a tree of arrays") from None
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    misshaped = [f"{k}: {have[k]} (config needs {want[k]})" for k in sorted(set(want) & set(have))
-                 if have[k] != want[k]]
-    if missing or unexpected or misshaped:
-        u = config.model.unet
-        lines = [f"{source}: checkpoint does not fit {config_name} (UNet width {u.inner_channels}, "
-                 f"mults {tuple(u.channel_mults)}, {u.res_blocks} res blocks): a checkpoint of another config?"]
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                lines.append(f"  {what} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-        raise UserError("\n".join(lines))
 
 
 def _portable(config):
@@ -121,7 +51,7 @@ def fuse_function(model, input_range: str) -> Callable:
     import jax
     import jax.numpy as jnp
 
-    from dmfuse_jax.models.dmfuse import from_model_range, to_model_range
+    from dmfuse_jax.data.images import from_model_range, to_model_range
 
     def one(params, ir, vi, key):
         y = model.apply({"params": params}, to_model_range(ir[None], input_range),
@@ -141,7 +71,7 @@ _EXECUTABLES: dict[tuple, Any] = {}
 
 @functools.lru_cache(maxsize=16)
 def _jitted(key: str):
-    model, config = _model(key)
+    model, config = cached_model(key)
     return compilation.jit(fuse_function(model, config.model.input_range))
 
 
@@ -234,7 +164,7 @@ class Fuser(PairFusion):
             raise TypeError("Fuser needs a config and params (or use dmfuse_jax.load(checkpoint))")
         check_params_fit(self.config, self.params, self.source or "params")
         self._key = config_key(self.config, self.dtype)
-        model, _ = _model(self._key)
+        model, _ = cached_model(self._key)
         self.stride = model.unet.total_stride
         buckets.check_multiple(self.bucket, self.stride)
         self._device_params = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params))
@@ -293,10 +223,8 @@ class MethodFuser(PairFusion):
     method: str = "average"
 
     def __post_init__(self):
-        try:
-            from dmfuse_jax.evaluation.baselines import BASELINES
-        except ImportError as e:
-            raise UserError(f"--method {self.method}: the baselines module is not available ({e})") from None
+        from dmfuse_jax.evaluation.baselines import BASELINES
+
         if self.method not in BASELINES:
             raise UserError(f"--method {self.method}: unknown method (choose from {', '.join(BASELINES)})")
         self._fn = BASELINES[self.method]

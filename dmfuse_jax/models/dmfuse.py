@@ -8,22 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfuse_jax.data.images import luma
 from dmfuse_jax.diffusion.gaussian import Schedule, q_sample
 from dmfuse_jax.models.fusion_head import FusionHead
 from dmfuse_jax.models.unet import UNet
-
-# ITU-R BT.601 luma: the Y of YCbCr; an RGB-stored grey image (equal channels) maps to itself.
-LUMA = (0.299, 0.587, 0.114)
-
-
-def to_grey(x: jax.Array) -> jax.Array:
-    """(B, H, W, 1 | 3) -> (B, H, W, 1)."""
-    if x.shape[-1] == 1:
-        return x
-    if x.shape[-1] == 3:
-        return jnp.tensordot(x, jnp.asarray(LUMA, x.dtype), axes=[[-1], [0]])[..., None]
-    raise ValueError(f"expected 1 or 3 channels, got an input of shape {x.shape}")
-
 
 def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
     """Reflect-pad H and W at the bottom/right up to multiples of `multiple`. (B, H, W, C)."""
@@ -94,8 +82,8 @@ class DMFuse(nn.Module):
         """The UNet batch (x_t, g) of `noisy_inputs` that `__call__` draws for (ir, vi) with the same
         'noise' key (grey, padded): for checking other implementations on identical noise."""
         s = self.unet.total_stride
-        return noisy_inputs(self.make_rng("noise"), pad_to_multiple(to_grey(ir), s),
-                            pad_to_multiple(to_grey(vi), s), self.schedule, self.timesteps,
+        return noisy_inputs(self.make_rng("noise"), pad_to_multiple(luma(ir), s),
+                            pad_to_multiple(luma(vi), s), self.schedule, self.timesteps,
                             self.unet.in_channels)
 
     def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
@@ -103,8 +91,8 @@ class DMFuse(nn.Module):
             raise ValueError(f"infrared {ir.shape} and visible {vi.shape} differ in batch or size")
         h, w = ir.shape[1:3]
         stride = self.unet.total_stride
-        ir = pad_to_multiple(to_grey(ir), stride)
-        vi = pad_to_multiple(to_grey(vi), stride)
+        ir = pad_to_multiple(luma(ir), stride)
+        vi = pad_to_multiple(luma(vi), stride)
         ir_feats, vi_feats = self.extract_features(ir, vi)
         return self.head(ir_feats, vi_feats)[:, :h, :w, :]
 
@@ -113,21 +101,3 @@ class DMFuse(nn.Module):
         x = jnp.zeros(ir.shape[:3] + (self.unet.in_channels,), jnp.float32)
         self.unet(x, jnp.ones((ir.shape[0],)))
         return self(ir, vi)
-
-
-def to_model_range(x01: jax.Array, input_range: str) -> jax.Array:
-    """Images in [0, 1] -> model range ('-1_1': the paper; '0_1': the released test code)."""
-    if input_range == "-1_1":
-        return x01 * 2.0 - 1.0
-    if input_range == "0_1":
-        return x01
-    raise ValueError(f"unknown input_range {input_range!r} (expected '-1_1' or '0_1')")
-
-
-def from_model_range(y: jax.Array, input_range: str) -> jax.Array:
-    """Model output -> [0, 1] (clipped)."""
-    if input_range == "-1_1":
-        y = (y + 1.0) * 0.5
-    elif input_range != "0_1":
-        raise ValueError(f"unknown input_range {input_range!r} (expected '-1_1' or '0_1')")
-    return jnp.clip(y, 0.0, 1.0)

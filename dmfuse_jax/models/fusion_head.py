@@ -4,16 +4,14 @@ All shapes NHWC. Submodule names follow the released PyTorch weights so conversi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dmfuse_jax.models.criss_cross import criss_cross_attention
-from dmfuse_jax.models.unet import upsample_nearest
-
-Dtype = Any
+from dmfuse_jax.models.unet import DtypeModule, upsample_nearest
 
 
 def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
@@ -23,20 +21,18 @@ def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
 
 
-class ConvLayer(nn.Module):
+class ConvLayer(DtypeModule):
     """Reflection pad (k // 2) -> Conv k x k (valid) -> activation ('relu', 'leaky_relu', 'none')."""
 
     features: int
     kernel: int = 3
     activation: str = "leaky_relu"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = reflect_pad(x, self.kernel // 2)
-        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="conv2d")(x)
+        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="VALID", name="conv2d",
+                    **self.dtypes)(x)
         if self.activation == "relu":
             return nn.relu(x)
         if self.activation == "leaky_relu":
@@ -44,17 +40,15 @@ class ConvLayer(nn.Module):
         return x
 
 
-class ChannelSpatialSE(nn.Module):
+class ChannelSpatialSE(DtypeModule):
     """scSE (Roy et al. 2018): cSE(x) + sSE(x). (B, H, W, C) -> (B, H, W, C)."""
 
     reduction: int = 2
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)  # (B, C)
         s = nn.relu(nn.Dense(c // self.reduction, name="cSE_fc1", **kw)(s))
         s = nn.sigmoid(nn.Dense(c, name="cSE_fc2", **kw)(s))
@@ -63,21 +57,19 @@ class ChannelSpatialSE(nn.Module):
         return cse + sse
 
 
-class Reducer(nn.Module):
+class Reducer(DtypeModule):
     """Concatenated diffusion features of one level (B, h, w, 3 C_l) -> (B, h, w, features)."""
 
     features: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         x = ConvLayer(self.features, 3, activation="relu", name="conv1", **kw)(x)
         return ChannelSpatialSE(name="scSE", **kw)(x)
 
 
-class CAIM(nn.Module):
+class CAIM(DtypeModule):
     """Criss-cross cross-attention interactive module.
 
     x: infrared features, y: visible features, both (B, H, W, C). Returns (out_x, out_y), each
@@ -86,13 +78,11 @@ class CAIM(nn.Module):
 
     qk_features: int = 4
     impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, y):
         c = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         query = nn.Conv(self.qk_features, (1, 1), name="query_conv", **kw)
         key = nn.Conv(self.qk_features, (1, 1), name="key_conv", **kw)
         value = nn.Conv(c, (1, 1), name="value_conv", **kw)
@@ -105,7 +95,7 @@ class CAIM(nn.Module):
         return jnp.split(out, 2, axis=0)
 
 
-class FusionHead(nn.Module):
+class FusionHead(DtypeModule):
     """Reducers + CAIM + decoder. Inputs: per level l = 1..5, infrared and visible features
     (B, H / 2^(l-1), W / 2^(l-1), 3 C_l). Output: the fused image (B, H, W, 1) in tanh range.
 
@@ -118,11 +108,9 @@ class FusionHead(nn.Module):
     num_levels: int = 5
     shared_last_reducer: bool = True
     caim_impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         n_reducers = self.num_levels - 1 if self.shared_last_reducer else self.num_levels
         self.reducers = [Reducer(self.features, name=f"en{i}", **kw) for i in range(n_reducers)]
         self.caim = CAIM(self.qk_features, self.caim_impl, name="crossatten", **kw)

@@ -4,13 +4,13 @@ Compiling a model's `init` costs as much as compiling its forward pass (tens of 
 UNet on a 2-core CPU). Here the parameter shapes come from `jax.eval_shape` (tracing only) and
 the values are drawn in numpy: kernels lecun-normal (truncated normal, std sqrt(1 / fan_in)), biases
 and norm offsets 0, norm scales 1, CAIM's gamma 0 — the same distributions as Flax's defaults.
-Used by tests, quick starts and training initialisation; the stream differs from `model.init`'s.
+Used by `inference.fuser.random_params` (random models for tests, demos and benchmarks). Training
+initialises with `model.init` inside its jit; this stream differs from `model.init`'s.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 from flax import traverse_util
 
@@ -34,28 +34,9 @@ def _leaf_value(path: tuple[str, ...], shape: tuple[int, ...], dtype, rng: np.ra
     raise ValueError(f"no host-side initialiser for parameter {'/'.join(path)}")
 
 
-def init_params(module, seed: int, *args, method=None, **kwargs) -> Any:
-    """Params of `module` for inputs `args` (as `module.init(...)['params']`), drawn in numpy.
-
-    Returns a nested dict of numpy arrays. Deterministic in `seed`.
-    """
-    key = jax.random.PRNGKey(0)
-    shapes = jax.eval_shape(
-        lambda: module.init({"params": key, "noise": key, "dropout": key}, *args, method=method, **kwargs))["params"]
-    return params_from_shapes(shapes, seed)
-
-
 def params_from_shapes(shapes: Any, seed: int) -> Any:
     """A tree of ShapeDtypeStructs (e.g. from `jax.eval_shape`) -> numpy params, deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(shapes)
     values = {path: _leaf_value(path, tuple(s.shape), s.dtype, rng) for path, s in sorted(flat.items())}
     return traverse_util.unflatten_dict(values)
-
-
-def init_dmfuse_params(model, seed: int = 0, size: int = 32) -> Any:
-    """All DMFuse params ({'unet', 'head'}), drawn host-side. `size` only needs to be a valid input size."""
-    import jax.numpy as jnp
-
-    x = jnp.zeros((1, size, size, 1), jnp.float32)
-    return init_params(model, seed, x, x, method=model.init_all)

@@ -5,6 +5,7 @@ so that conversion is a rename plus layout transposes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Sequence
@@ -14,6 +15,20 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+class DtypeModule(nn.Module):
+    """Base of the UNet's and the fusion head's modules: the compute dtype and the param dtype, declared
+    once, keyword-only (so each module's own fields come first, with or without defaults) and handed
+    on to submodules as `**self.dtypes`."""
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def dtypes(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 def _conv(features, kernel, dtype, param_dtype, name, stride=1, use_bias=True):
@@ -43,7 +58,7 @@ def _sum_and_sum_of_squares_jvp(axes, primals, tangents):
     return sum_and_sum_of_squares(x, axes), (jnp.sum(t, axes), jnp.sum(2 * x * t, axes))
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(DtypeModule):
     """GroupNorm with one-pass float32 statistics. (B, ..., C) -> (B, ..., C) in `dtype`.
 
     Same parameters (scale, bias: (C,)) and the same maths as flax's `nn.GroupNorm` (biased variance
@@ -56,8 +71,6 @@ class GroupNorm(nn.Module):
 
     num_groups: int
     epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -77,38 +90,32 @@ class GroupNorm(nn.Module):
         return (xf * mul[:, None] + add[:, None]).reshape(x.shape).astype(self.dtype)
 
 
-class Block(nn.Module):
+class Block(DtypeModule):
     """GroupNorm -> Swish -> Dropout -> Conv3x3. (B, H, W, C_in) -> (B, H, W, features)."""
 
     features: int
     groups: int
     dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="norm")(x)
+        x = GroupNorm(num_groups=self.groups, epsilon=1e-5, name="norm", **self.dtypes)(x)
         x = nn.swish(x)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return _conv(self.features, 3, self.dtype, self.param_dtype, "conv")(x)
 
 
-class ResnetBlock(nn.Module):
+class ResnetBlock(DtypeModule):
     features: int
     groups: int
     dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
-        kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(groups=self.groups, **self.dtypes)
         h = Block(self.features, name="block1", **kw)(x)
-        h = h + nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="noise_func")(emb)[:, None, None, :]
+        h = h + nn.Dense(self.features, name="noise_func", **self.dtypes)(emb)[:, None, None, :]
         h = Block(self.features, dropout=self.dropout, name="block2", **kw)(h, train)
         if x.shape[-1] != self.features:
             x = _conv(self.features, 1, self.dtype, self.param_dtype, "res_conv")(x)
@@ -177,7 +184,7 @@ def attention_fn(impl: str | None):
         raise ValueError(f"unknown attention_impl {impl!r} (expected one of {sorted(ATTENTION_IMPLS)})") from None
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(DtypeModule):
     """One-head self-attention over all positions, residual. (B, H, W, C) -> (B, H, W, C).
 
     `implementation` picks the kernel (`ATTENTION_IMPLS`); q, k, v come out of the qkv convolution in
@@ -186,14 +193,11 @@ class SelfAttention(nn.Module):
 
     groups: int
     implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        n = GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="norm")(x)
+        n = GroupNorm(num_groups=self.groups, epsilon=1e-5, name="norm", **self.dtypes)(x)
         qkv = _conv(3 * c, 1, self.dtype, self.param_dtype, "qkv", use_bias=False)(n)
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
         a = attention_fn(self.implementation)(q, k, v, 1.0 / math.sqrt(c))
@@ -201,27 +205,23 @@ class SelfAttention(nn.Module):
         return out + x
 
 
-class ResnetBlocWithAttn(nn.Module):
+class ResnetBlocWithAttn(DtypeModule):
     features: int
     groups: int
     dropout: float = 0.0
     with_attn: bool = False
     attention_impl: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         x = ResnetBlock(self.features, self.groups, self.dropout, name="res_block", **kw)(x, emb, train)
         if self.with_attn:
             x = SelfAttention(self.groups, self.attention_impl, name="attn", **kw)(x)
         return x
 
 
-class Downsample(nn.Module):
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class Downsample(DtypeModule):
 
     @nn.compact
     def __call__(self, x):
@@ -233,16 +233,14 @@ def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
-class Upsample(nn.Module):
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class Upsample(DtypeModule):
 
     @nn.compact
     def __call__(self, x):
         return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, "conv")(upsample_nearest(x))
 
 
-class UNet(nn.Module):
+class UNet(DtypeModule):
     """SR3 UNet. `__call__(x (B, H, W, in_channels), g (B,))` -> eps_hat (B, H, W, out_channels).
 
     With `taps=True` it returns the five decoder taps instead (the output of the first residual block
@@ -261,8 +259,6 @@ class UNet(nn.Module):
     norm_groups: int = 32
     dropout: float = 0.2
     attention_impl: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @property
     def total_stride(self) -> int:
@@ -273,7 +269,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, g, *, train: bool = False, taps: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         blk = dict(groups=self.norm_groups, dropout=self.dropout, attention_impl=self.attention_impl, **kw)
         c0 = self.inner_channels
         emb = noise_level_encoding(g, c0)

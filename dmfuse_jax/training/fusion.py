@@ -18,6 +18,7 @@ import numpy as np
 
 from dmfuse_jax import compilation
 from dmfuse_jax.data.fusion_pairs import PairedPatchSource, preview_pairs, split_pairs
+from dmfuse_jax.data.images import from_model_range
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.models.builders import build_dmfuse
@@ -169,7 +170,6 @@ class FusionStage:
             self._preview_fn = compilation.jit(fuse, out_shardings=trainer.replicated)
         ir, vi = self._previews["ir"], self._previews["vi"]
         fused = np.asarray(jax.device_get(self._preview_fn(state.params, state.frozen, ir, vi)))
-        lo = -1.0 if self.config.model.input_range == "-1_1" else 0.0
-        to01 = lambda x: np.clip((x - lo) / (1.0 - lo), 0.0, 1.0)  # noqa: E731
-        rows = np.concatenate([to01(ir), to01(vi), to01(fused)], axis=2)  # (N, s, 3s, 1)
+        rows = np.concatenate([from_model_range(x, self.config.model.input_range) for x in (ir, vi, fused)],
+                              axis=2)  # (N, s, 3s, 1)
         trainer.write_image(f"previews/step_{step:08d}.png", "previews", image_grid(rows, cols=1), step)

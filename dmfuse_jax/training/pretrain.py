@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax import compilation
+from dmfuse_jax.data.images import from_model_range
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform, TfdsSource
 from dmfuse_jax.diffusion.gaussian import ddpm_loss, p_sample_loop
@@ -108,5 +109,5 @@ class PretrainStage:
             self._sampler = compilation.jit(sample, out_shardings=trainer.replicated)
         key = jax.random.PRNGKey(int(self.config.seed) + 7)
         x = np.asarray(jax.device_get(self._sampler(state.ema_params, key)))
-        grid = image_grid((x + 1.0) * 0.5, cols=min(n, 8))
+        grid = image_grid(from_model_range(x, "-1_1"), cols=min(n, 8))  # DDPM images are in [-1, 1]
         trainer.write_image(f"samples/step_{step:08d}.png", "samples", grid, step)

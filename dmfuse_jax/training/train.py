@@ -1,8 +1,11 @@
-"""`dmfuse train --config configs/<file>.py --workdir DIR [--config.key=value ...]`
+"""`dmfuse train --config configs/<file>.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]`
 
 Trains the stage the config names (`config.stage`: 'pretrain' = DDPM pretraining of the UNet,
 'fusion' = the fusion head on a frozen UNet), resuming from the workdir's latest checkpoint.
-Also runs as `python -m dmfuse_jax.training.train ...`.
+Also runs as `python -m dmfuse_jax.train ...` (or `python -m dmfuse_jax.training.train ...`).
+`--config` and its overrides are ml_collections config flags: each `--config.KEY=VALUE` is parsed as
+the type of that key (tuples as `--config.model.timesteps="(5, 50)"`, booleans also as
+`--config.KEY` / `--noconfig.KEY`); an unknown key or a value of the wrong type exits with code 2.
 
 Several processes (hosts): set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID on each, or pass --distributed on a cluster JAX detects itself (SLURM, Cloud TPU
@@ -24,6 +27,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "fusion": ("dmfuse_jax.training.fusion", "FusionStage"),
 }
 
+# The `dmfuse` CLI hands the arguments argparse does not know (--config.KEY=VALUE) to `run` as
+# args.config_flags, for ml_collections.config_flags.
+CONFIG_FLAGS = True
+
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "checkpoint_every_steps", "stage")
 
 
@@ -38,26 +45,15 @@ def build_stage(config):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="training config file (configs/*.py)")
+    parser.add_argument("--config", required=True,
+                        help="training config file (configs/*.py, or FILE.py:ARG for get_config(ARG)); "
+                             "override any key with --config.KEY=VALUE, e.g. --config.total_steps=1000")
     parser.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, tensorboard/, samples")
     parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                         help="multi-process init: 'auto' (when JAX_COORDINATOR_ADDRESS is set), 'on' "
                              "(also detect SLURM / Cloud TPU / MPI), 'off' (default: %(default)s)")
     from dmfuse_jax.compilation import add_cache_argument
     add_cache_argument(parser)
-    parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
-                        help="config overrides, e.g. --config.total_steps=1000 (or KEY=VALUE)")
-
-
-def parse(parser: argparse.ArgumentParser, argv):
-    """`--config.x=y` look like unknown options to argparse: collect them as overrides.
-    (The `dmfuse` CLI calls a command module's `parse` when it has one.)"""
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + rest
-    return args
 
 
 def initialize_distributed(mode: str = "auto") -> None:
@@ -112,22 +108,26 @@ def train(config, workdir: str) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise UserError(f"training config lacks the keys {missing}")
+    from dmfuse_jax.data.images import check_output_path
     from dmfuse_jax.training.trainer import fit
 
+    check_output_path(workdir, "workdir", folder=True)
     stage = build_stage(config)
     prepare_workdir(config, workdir)
     return fit(config, workdir, stage)
 
 
 def run(args) -> int:
-    from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.config_lib import config_from_flags
+    from dmfuse_jax.data.images import check_output_path
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from dmfuse_jax.compilation import enable_persistent_cache
 
-    config = load_config(args.config, list(args.overrides or []))
+    config = config_from_flags(args.config, getattr(args, "config_flags", ()))
+    check_output_path(args.workdir, "--workdir", folder=True)  # before waiting for other processes
     cache = enable_persistent_cache(getattr(args, "compilation_cache", None))
     logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
     initialize_distributed(args.distributed)
@@ -136,14 +136,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmfuse_jax.training.train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parse(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"dmfuse train: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m dmfuse_jax.train ...`: the same as `dmfuse train ...`."""
+    from dmfuse_jax.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

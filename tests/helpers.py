@@ -1,4 +1,5 @@
-"""Helpers for the training tests: tiny configs and training runs in subprocesses.
+"""Helpers for the training tests (test-only, not part of the package): tiny configs and training
+runs in subprocesses.
 
 Subprocesses share a persistent XLA compilation cache (per test session), so identical programs
 compile once across the runs of a test.
@@ -25,7 +26,7 @@ TINY = {
                               "data.num_threads=1"],
     "fusion": TINY_MODEL + ["batch_size=4", "total_steps=4", "checkpoint_every_steps=2", "log_every_steps=2",
                             "preview_every_steps=0", "data.patch_size=16", "data.patch_step=64",
-                            "data.max_pairs=2", "init.unet_workdir=''", "data.num_threads=1"],
+                            "data.max_pairs=2", "init.unet_workdir=", "data.num_threads=1"],
 }
 
 
@@ -105,3 +106,24 @@ def one_step_on_meshes(stage_name: str, mesh_shapes, batch_size: int = 8) -> dic
                                  batch_spec=str(trainer.place(batch)[next(iter(batch))].sharding.spec),
                                  seconds=time.perf_counter() - t0)
     return out
+
+
+def init_params(module, seed: int, *args, method=None, **kwargs):
+    """Params of `module` for inputs `args` (as `module.init(...)['params']`), drawn host-side in numpy
+    (`dmfuse_jax.models.init`) from shapes that `jax.eval_shape` traces: no compiled `init`."""
+    import jax
+
+    from dmfuse_jax.models.init import params_from_shapes
+
+    key = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(
+        lambda: module.init({"params": key, "noise": key, "dropout": key}, *args, method=method, **kwargs))["params"]
+    return params_from_shapes(shapes, seed)
+
+
+def init_dmfuse_params(model, seed: int = 0, size: int = 32):
+    """All DMFuse params ({'unet', 'head'}), drawn host-side. `size` only needs to be a valid input size."""
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, size, size, 1), jnp.float32)
+    return init_params(model, seed, x, x, method=model.init_all)

@@ -126,7 +126,7 @@ def respaced_tables(base_betas: np.ndarray, respacing) -> Tables:
 # prior name -> eps_fn(module, params, x (B, H, W, 3), row) -> eps (B, H, W, 3) float32
 def _guided_eps(module, params, x, row):
     t = jnp.full((x.shape[0],), row["t"])
-    return module.apply({"params": params}, x, t)[..., :3]
+    return module.apply({"params": params}, x, t)[..., : x.shape[-1]]  # learn_sigma: eps first
 
 
 def _sr3_eps(module, params, x, row):
@@ -138,14 +138,18 @@ PRIORS: dict[str, Callable] = {"guided_diffusion": _guided_eps, "sr3": _sr3_eps}
 
 
 def ddfm_step(eps_fn, params, x, em: EMState, row, I, V, *, lamb: float, rho: float, clip: bool = True):
-    """One DDIM + EM step. -> (x_prev, em, x0). x (B, H, W, 3) float32; I, V (B, H, W)."""
+    """One DDIM + EM step. -> (x_prev, em, x0). x (B, H, W, 3 or 1) float32; I, V (B, H, W)."""
     eps = eps_fn(params, x, row)
     x0 = row["sqrt_recip"] * x - row["sqrt_recipm1"] * eps
     if clip:
         x0 = jnp.clip(x0, -1.0, 1.0)
-    ycc = rgb2ycbcr(x0) / 255
+    grey = x0.shape[-1] == 1  # a 1-channel prior: the image (x, x, x), whose chroma stays 128
+    rgb = jnp.repeat(x0, 3, axis=-1) if grey else x0
+    ycc = rgb2ycbcr(rgb) / 255
     y, em = em_onestep(ycc[..., 0], I, V, em, lamb=lamb, rho=rho)
     x0 = ycbcr2rgb(ycc.at[..., 0].set(y) * 255)
+    if grey:
+        x0 = jnp.mean(x0, axis=-1, keepdims=True)
     eps = (row["sqrt_recip"] * x - x0) / row["sqrt_recipm1"]
     x = x0 * jnp.sqrt(row["acp_prev"]) + jnp.sqrt(1 - row["acp_prev"]) * eps
     return x, em, x0
@@ -153,8 +157,8 @@ def ddfm_step(eps_fn, params, x, em: EMState, row, I, V, *, lamb: float, rho: fl
 
 def fused_luminance(x: np.ndarray) -> np.ndarray:
     """Final sample (..., H, W, 3) -> OpenCV RGB->YCrCb luma, min-max stretched to [0, 1] per image
-    (the authors' output, before their x255)."""
-    y = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+    (the authors' output, before their x255). A 1-channel sample is its own luma."""
+    y = x[..., 0] if x.shape[-1] == 1 else x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
     lo = y.min(axis=(-2, -1), keepdims=True)
     hi = y.max(axis=(-2, -1), keepdims=True)
     return (y - lo) / np.maximum(hi - lo, 1e-12)
@@ -227,7 +231,7 @@ def jitted_sample(sampler: Sampler, return_steps: bool = False):
 @functools.lru_cache(maxsize=32)
 def jitted_chunk(sampler: Sampler, length: int):
     """jit(sampler.sample_chunk) for chunks of `length` steps: (params, carry, I, V, start) -> carry."""
-    return compilation.jit(functools.partial(sampler.sample_chunk, length=length), donate_argnums=(1,))
+    return compilation.jit(functools.partial(sampler.sample_chunk, length=length))
 
 
 def chunk_length(num_steps: int, max_chunk: int = 10) -> int:

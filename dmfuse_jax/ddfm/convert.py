@@ -85,6 +85,28 @@ def convert_params(state_dict: Mapping[str, Any], module, *, source: str = "stat
     return unflatten_dict(got)
 
 
+def state_dict_shapes(module) -> dict[str, tuple[int, ...]]:
+    """The PyTorch state_dict {key: shape} that `module` (a GuidedUNet) converts from (by shape
+    evaluation only: nothing is allocated, so it serves the 552.8 M-param OpenAI config too)."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    n = 2 * module.total_stride
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, n, n, module.in_channels)),
+                            jnp.zeros((1,)))["params"]
+    out = {}
+    for k, v in flatten_dict(shapes).items():
+        shape = tuple(v.shape)
+        if k[-1] == "kernel":
+            is_conv = len(shape) == 4
+            shape = (shape[3], shape[2], shape[0], shape[1]) if is_conv else (shape[1], shape[0])
+            if not is_conv and k[-2] in ("qkv", "proj_out"):
+                shape = shape + (1,)  # attention's conv_nd(1, ...)
+        out[_torch_name(k)] = shape
+    return out
+
+
 def _torch_name(flax_key: tuple[str, ...]) -> str:
     """('input_blocks_1_0', 'in_layers_0', 'scale') -> 'input_blocks.1.0.in_layers.0.weight'."""
     leaf = {"kernel": "weight", "scale": "weight"}.get(flax_key[-1], flax_key[-1])

@@ -46,12 +46,12 @@ class DDFMFuser(PairFusion):
             raise TypeError("DDFMFuser needs a prior (dmfuse_jax.ddfm.priors.load_prior)")
         if self.i_source not in ("vis", "ir"):
             raise ValueError(f"i_source must be 'vis' or 'ir', got {self.i_source!r}")
+        if self.steps < 1:
+            raise UserError(f"--steps {self.steps}: must be >= 1")
         try:
             tables = respaced_tables(self.prior.betas, str(int(self.steps)))
         except ValueError as e:
             raise UserError(f"--steps {self.steps}: {e} (the prior has {len(self.prior.betas)} timesteps)") from None
-        if self.steps < 1:
-            raise UserError(f"--steps must be >= 1 (got {self.steps})")
         self.sampler = Sampler(self.prior.module, self.prior.kind, tables, float(self.lamb), float(self.rho))
         self.source = self.prior.source
         self._compiled: dict = {}

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="a classical baseline instead of the model: average, max, laplacian_pyramid; "
                           "or ddfm (DDFM sampling, see --prior, --steps)")
     p.add_argument("--config", default=None,
-                   help="config file: required with UNET.pth,HEAD.pth; with a workdir/bundle it must fit its params")
+                   help="config file: required with UNET.pth,HEAD.pth; with a workdir/bundle it must fit its params; "
+                        "ddfm: the prior's config (a DMFuse config for an SR3 .npz, a DDFM config for a .pt)")
     p.add_argument("--mode", choices=list(MODES), default="auto",
                    help="; ".join(f"{k}: {v[1]}" for k, v in MODES.items()) + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs of one shape bucket fused together (default: %(default)s)")

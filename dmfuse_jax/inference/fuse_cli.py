@@ -3,6 +3,7 @@
   dmfuse fuse --ir samples/ir --vis samples/vi --out outputs/fused            # bundled default model
   dmfuse fuse --checkpoint runs/fusion --ir a_ir.png --vis a_vis.png --out a.png
   dmfuse fuse --method laplacian_pyramid --ir IR_DIR --vis VIS_DIR --out OUT   # no model
+  dmfuse fuse --method ddfm [--prior PATH] [--steps 100] --ir IR_DIR --vis VIS_DIR --out OUT   # DDFM
 
 Folders are paired by file name (stem; the extension may differ). Every input is checked (readable
 image, matching sizes) before anything is fused; outputs are 8-bit PNGs of the input size, each
@@ -32,9 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="training workdir, inference bundle, or UNET.pth,HEAD.pth (default: the bundled "
                           "model in dmfuse_jax/assets/default_bundle)")
     src.add_argument("--method", default=None,
-                     help="a classical baseline instead of the model: average, max, laplacian_pyramid")
+                     help="a classical baseline instead of the model: average, max, laplacian_pyramid; "
+                          "or ddfm (DDFM sampling, see --prior, --steps)")
     p.add_argument("--config", default=None,
-                   help="config file: required with UNET.pth,HEAD.pth; with a workdir/bundle it must fit its params")
+                   help="config file: required with UNET.pth,HEAD.pth; with a workdir/bundle it must fit its params; "
+                        "ddfm: the prior's config (a DMFuse config for an SR3 .npz, a DDFM config for a .pt)")
     p.add_argument("--mode", choices=list(MODES), default="auto",
                    help="; ".join(f"{k}: {v[1]}" for k, v in MODES.items()) + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs of one shape bucket fused together (default: %(default)s)")
@@ -43,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-buckets", type=int, default=DEFAULT_MAX_BUCKETS,
                    help="merge the folder's buckets down to at most this many shapes, by least added padding "
                         "(0: no merging, one bucket per rounded size) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the diffusion noise (default: 0; ddfm: 3407)")
+    p.add_argument("--prior", default=None,
+                   help="ddfm: the diffusion prior: DMFuse bundle/workdir, SR3 UNet .npz (with --config), "
+                        "guided-diffusion .pt or converted bundle (default: the bundled model's SR3 UNet)")
+    p.add_argument("--steps", type=int, default=100, help="ddfm: respaced DDIM steps (default: %(default)s)")
     p.add_argument("--resize", action="store_true",
                    help="resize the infrared image to the visible size when they differ (default: error)")
     p.add_argument("--sixteen-bit", choices=("minmax", "full"), default="minmax",
@@ -99,10 +106,30 @@ def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
     return sizes
 
 
+def _ddfm(args):
+    """--method ddfm: DDFM sampling with a diffusion prior (dmfuse_jax.ddfm)."""
+    from dmfuse_jax.ddfm.fuser import DDFMFuser
+    from dmfuse_jax.ddfm.priors import load_prior
+
+    prior = load_prior(args.prior, config=args.config, dtype=args.dtype)
+    seed = 3407 if args.seed is None else args.seed
+    fuser = DDFMFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, prior=prior, steps=args.steps, seed=seed,
+                      progress=not args.no_progress)
+    for note in prior.notes:
+        print(note)
+    return fuser, f"DDFM ({args.steps} steps, seed {seed}) with prior {prior.kind}: {prior.source}"
+
+
+# --method names that need a model (the rest are classical baselines).
+MODEL_METHODS = {"ddfm": _ddfm}
+
+
 def run(args) -> int:
     from dmfuse_jax.data.images import read_image, write_image_atomic
     from dmfuse_jax.inference import colour
 
+    if args.prior is not None and args.method != "ddfm":
+        raise UserError("--prior is a --method ddfm option")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.max_buckets < 0:
@@ -113,7 +140,9 @@ def run(args) -> int:
     sizes = check_pairs(pairs, args.resize)
 
     t_load = time.perf_counter()
-    if args.method is not None:
+    if args.method in MODEL_METHODS:
+        fuser, what = MODEL_METHODS[args.method](args)
+    elif args.method is not None:
         from dmfuse_jax.inference.fuser import MethodFuser
         fuser = MethodFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, method=args.method)
         what = f"method {args.method}"
@@ -126,14 +155,14 @@ def run(args) -> int:
 
         ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
         try:
-            fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed, bucket=args.bucket,
+            fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed or 0, bucket=args.bucket,
                           max_buckets=args.max_buckets,
                           dtype=args.dtype, mode=args.mode, sixteen_bit=args.sixteen_bit, source=ck.source)
         except ValueError as e:  # e.g. a bucket that is not a multiple of the stride
             raise UserError(f"--bucket {args.bucket}: {e}") from None
         for note in ck.notes:
             print(note)
-        what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed})"
+        what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed or 0})"
     t_load = time.perf_counter() - t_load
 
     plan = fuser.plan(sizes, args.batch_size)
@@ -183,7 +212,7 @@ def run(args) -> int:
     out_where = pairs[0][3].parent if len(pairs) > 1 else pairs[0][3]
     compiling = (f"{compiled} compilation(s) took {compile_s:.2f} s, fusing {run_s:.2f} s = "
                  f"{len(pairs) / run_s:.2f} pairs/s ({1e3 * run_s / len(pairs):.1f} ms/pair); "
-                 f"model load {t_load:.2f} s") if args.method is None else \
+                 f"model load {t_load:.2f} s") if args.method is None or args.method in MODEL_METHODS else \
         f"{1e3 * total / len(pairs):.1f} ms/pair"
     print(f"fused {len(pairs)} pair(s) in {total:.2f} s ({len(pairs) / total:.2f} pairs/s); {compiling} -> {out_where}")
     return 0

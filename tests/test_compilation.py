@@ -86,6 +86,7 @@ def cache_config(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", True)  # an earlier in-process run may have turned it off
     yield monkeypatch
     for n, v in saved.items():
         jax.config.update(n, v)

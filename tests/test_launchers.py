@@ -29,7 +29,11 @@ def accepted_by_train_cli(argv: list[str]):
 
     parser = argparse.ArgumentParser(prog="dmfuse train", exit_on_error=False)
     train.add_arguments(parser)
-    return train.parse(parser, argv)
+    args, rest = parser.parse_known_args(argv)  # as cli.main does for a CONFIG_FLAGS command
+    bad = [a for a in rest if not a.startswith("--config.")]
+    assert not bad, f"arguments dmfuse train does not take: {bad}"
+    args.config_flags = rest
+    return args
 
 
 def train_args(line: str) -> list[str]:
@@ -70,7 +74,7 @@ def test_dry_run_prints_each_hosts_command(script, args, env, hosts):
     for line in per_host:
         parsed = accepted_by_train_cli(train_args(line.split(": ", 1)[1]))
         assert parsed.config == "configs/coco_pretrain.py" and parsed.workdir == "/shared/W"
-        assert parsed.overrides[-2:] == [o for o in OVERRIDES], line
+        assert parsed.config_flags[-2:] == list(OVERRIDES), line
     if script == "multihost.sh":
         assert per_host[0].startswith("process 3: JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4")
     if script == "slurm_gpu.sbatch":

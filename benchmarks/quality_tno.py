@@ -74,6 +74,8 @@ def dataset_table(dataset: str, out: Path) -> str:
     lines[0] += " paper (DMFuse, TNO) |"
     lines[1] += " ---: |"
     for i in range(2, len(lines)):
+        if not lines[i].startswith("|"):  # the "Scored with convention ..." line after the table
+            continue
         name = lines[i].split("|")[1].strip().split(" ")[0]
         lines[i] += f" {PAPER_TNO[name]:.4f} |" if name in PAPER_TNO else " - |"
     return "\n".join(lines) + "\n"

@@ -12,6 +12,14 @@ dataset `dmfuse evaluate` writes OUT/<dataset>/metrics.csv, summary.md and radar
 `--markdown` writes one file with every dataset's table (TNO's with the paper's DMFuse figures in a
 last column), `--plot-dir` copies the radar plots (<dataset>_radar.png).
 
+DDFM (`--methods ...,ddfm`, its default prior: the default model's UNet, so "DDFM sampling with the
+DMFuse UNet as prior") takes minutes per pair on a CPU; `--pairs 07,19` restricts a dataset to some
+pairs (inputs linked into OUT/<dataset>_pairs_07-19/inputs/, every method fused and scored on just
+those pairs):
+
+  python benchmarks/quality_tno.py --datasets tno --pairs 07,19,20 \
+      --methods dmfuse,ddfm,average,max,laplacian_pyramid --markdown docs/quality_ddfm.md
+
 Training data and evaluation data never overlap: the default model was trained on RoadScene only
 (both stages); TNO and Harvard were never seen in training.
 """
@@ -35,38 +43,63 @@ DATASETS: dict[str, tuple[str, str, str]] = {
     "harvard_mri_spect": ("harvard/MRI_SPECT/MRI", "harvard/MRI_SPECT/SPECT", "medical"),
 }
 MODEL = "dmfuse"  # the method name (folder name) of the model's fused images
+DDFM = "ddfm"  # DDFM sampling with the default prior (`dmfuse fuse --method ddfm`)
 
 # The DMFuse paper's TNO means (DESIGN.md section 7); our metric names.
 PAPER_TNO = {"EN": 6.9324, "SD": 37.0730, "PC": 0.3500, "FMI_pixel": 0.9060, "Qe": 0.4573,
              "Qabf": 0.5467, "MS_SSIM": 0.9130, "VIF": 0.4233}
 
 
-def fuse(dataset: str, method: str, out: Path, data: Path, checkpoint: str | None, batch_size: int) -> int:
+def fuse(method: str, ir: Path, vi: Path, mode: str, out: Path, checkpoint: str | None, batch_size: int,
+         ddfm_steps: int) -> int:
     from dmfuse_jax.cli import main as dmfuse_main
 
-    ir, vi, mode = DATASETS[dataset]
     src = ["--method", method] if method != MODEL else (["--checkpoint", checkpoint] if checkpoint else [])
-    argv = ["fuse", *src, "--mode", mode, "--ir", str(data / ir), "--vis", str(data / vi),
-            "--out", str(out / dataset / method), "--batch-size", str(batch_size), "--no-progress"]
+    if method == DDFM:
+        src += ["--steps", str(ddfm_steps)]
+    argv = ["fuse", *src, "--mode", mode, "--ir", str(ir), "--vis", str(vi),
+            "--out", str(out / method), "--batch-size", str(batch_size), "--no-progress"]
     print("dmfuse " + " ".join(argv), flush=True)
     return dmfuse_main(argv)
 
 
-def score(dataset: str, methods: list[str], out: Path, data: Path, workers: int) -> int:
+def score(methods: list[str], ir: Path, vi: Path, out: Path, workers: int) -> int:
     from dmfuse_jax.cli import main as dmfuse_main
 
-    ir, vi, _ = DATASETS[dataset]
-    d = out / dataset
-    argv = ["evaluate", "--ir", str(data / ir), "--vis", str(data / vi),
-            *(x for m in methods for x in ("--fused", str(d / m))),
-            "--csv", str(d / "metrics.csv"), "--markdown", str(d / "summary.md"), "--plot", str(d / "radar.png"),
+    argv = ["evaluate", "--ir", str(ir), "--vis", str(vi),
+            *(x for m in methods for x in ("--fused", str(out / m))),
+            "--csv", str(out / "metrics.csv"), "--markdown", str(out / "summary.md"), "--plot", str(out / "radar.png"),
             "--workers", str(workers)]
     print("dmfuse " + " ".join(argv), flush=True)
     return dmfuse_main(argv)
 
 
+def pair_subset(dataset: str, pairs: list[str], out: Path, data: Path) -> tuple[str, Path, Path]:
+    """Links the chosen pairs' inputs into OUT/<dataset>_pairs_<a-b-...>/inputs/{a,b}; returns
+    (that folder's name, its a folder, its b folder). Names are file stems."""
+    from dmfuse_jax.data.images import is_image_file
+    from dmfuse_jax.errors import UserError
+
+    name = f"{dataset}_pairs_{'-'.join(pairs)}"
+    folders = []
+    for side, rel in (("a", DATASETS[dataset][0]), ("b", DATASETS[dataset][1])):
+        src = data / rel
+        by_stem = {f.stem: f for f in sorted(src.iterdir()) if is_image_file(f)} if src.is_dir() else {}
+        missing = [p for p in pairs if p not in by_stem]
+        if missing:
+            raise UserError(f"{src}: no image for pair(s) {', '.join(missing)}")
+        dst = out / name / "inputs" / side
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for p in pairs:
+            (dst / by_stem[p].name).symlink_to(by_stem[p].resolve())
+        folders.append(dst)
+    return name, folders[0], folders[1]
+
+
 def dataset_table(dataset: str, out: Path) -> str:
-    """summary.md of a dataset, with the paper's figures as a last column for TNO."""
+    """summary.md of a dataset, with the paper's figures as a last column for TNO (all 25 pairs)."""
     text = (out / dataset / "summary.md").read_text()
     if dataset != "tno":
         return text
@@ -87,13 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated of: {', '.join(DATASETS)}")
     p.add_argument("--methods", default=",".join([MODEL, *BASELINES]),
-                   help=f"comma-separated: {MODEL} (the model) and baselines {', '.join(BASELINES)}")
+                   help=f"comma-separated: {MODEL} (the model), {DDFM} (DDFM, default prior; slow on CPU) "
+                        f"and baselines {', '.join(BASELINES)}")
     p.add_argument("--checkpoint", default=None, help="model to score as 'dmfuse' (default: the bundled default model)")
     p.add_argument("--data", default=str(DATA), help="the shared data folder (tno/, harvard/)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="fused images and scores (default: %(default)s)")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--skip-fuse", action="store_true", help="score the existing fused folders, fuse nothing")
     stage.add_argument("--fuse-only", action="store_true", help="fuse, score nothing (e.g. methods run apart)")
+    p.add_argument("--pairs", default=None,
+                   help="comma-separated pair names (file stems): fuse and score only these (e.g. for ddfm)")
+    p.add_argument("--ddfm-steps", type=int, default=100, help="DDIM steps for --methods ddfm (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="model batch size (1 keeps memory low on big TNO pairs)")
     p.add_argument("--workers", type=int, default=0, help="evaluation processes (0: one per CPU)")
     p.add_argument("--markdown", default=None, help="write every dataset's table into this markdown file")
@@ -102,33 +139,48 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets = [d for d in args.datasets.split(",") if d]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [d for d in datasets if d not in DATASETS] + [m for m in methods if m != MODEL and m not in BASELINES]
+    pairs = [x for x in args.pairs.split(",") if x] if args.pairs else []
+    unknown = [d for d in datasets if d not in DATASETS] + [
+        m for m in methods if m not in (MODEL, DDFM) and m not in BASELINES]
     if unknown:
         p.error(f"unknown dataset(s)/method(s): {', '.join(unknown)}")
     out, data = Path(args.out), Path(args.data)
+    names = []
     for dataset in datasets:
+        if pairs:
+            from dmfuse_jax.errors import UserError
+            try:
+                name, ir, vi = pair_subset(dataset, pairs, out, data)
+            except UserError as e:
+                print(f"quality_tno.py: error: {e}", file=sys.stderr)
+                return 2
+        else:
+            name, ir, vi = dataset, data / DATASETS[dataset][0], data / DATASETS[dataset][1]
+        names.append(name)
         if not args.skip_fuse:
             for method in methods:
-                t0 = time.perf_counter()
-                rc = fuse(dataset, method, out, data, args.checkpoint, args.batch_size)
+                t0, c0 = time.perf_counter(), time.process_time()
+                rc = fuse(method, ir, vi, DATASETS[dataset][2], out / name, args.checkpoint, args.batch_size,
+                          args.ddfm_steps)
                 if rc:
                     return rc
-                print(f"{dataset}/{method}: fused in {time.perf_counter() - t0:.1f} s wall", flush=True)
+                print(f"{name}/{method}: fused in {time.perf_counter() - t0:.1f} s wall, "
+                      f"{time.process_time() - c0:.1f} s CPU", flush=True)
         if not args.fuse_only:
-            rc = score(dataset, methods, out, data, args.workers)
+            rc = score(methods, ir, vi, out / name, args.workers)
             if rc:
                 return rc
     if args.fuse_only:
         return 0
     if args.markdown:
         from dmfuse_jax.data.images import write_text_atomic
-        parts = [f"### {d}\n\n{dataset_table(d, out)}" for d in datasets]
+        parts = [f"### {n}\n\n{dataset_table(n, out)}" for n in names]
         write_text_atomic(args.markdown, "\n".join(parts))
         print(f"wrote {args.markdown}")
     if args.plot_dir:
         Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
-        for d in datasets:
-            shutil.copyfile(out / d / "radar.png", Path(args.plot_dir) / f"{d}_radar.png")
+        for n in names:
+            shutil.copyfile(out / n / "radar.png", Path(args.plot_dir) / f"{n}_radar.png")
         print(f"copied the radar plots to {args.plot_dir}")
     return 0
 

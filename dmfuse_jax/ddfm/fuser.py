@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dmfuse_jax.data.images import to_model_range
 from dmfuse_jax.inference import buckets
 from dmfuse_jax.inference.fuser import Pending, PairFusion
 
@@ -109,8 +110,9 @@ class DDFMFuser(PairFusion):
                 raise ValueError(f"dispatch takes images of one bucket, got buckets {sorted(shapes)}")
             (shape,) = shapes
         hb, wb = shape
-        ir = np.stack([buckets.pad_to(x, (hb, wb))[..., 0] for x in irs]).astype(np.float32) * 2 - 1
-        vi = np.stack([buckets.pad_to(x, (hb, wb))[..., 0] for x in vis]).astype(np.float32) * 2 - 1
+        # DDFM's inputs are grey in [-1, 1] whatever the prior (the EM works in that range)
+        ir = to_model_range(np.stack([buckets.pad_to(x, (hb, wb))[..., 0] for x in irs]).astype(np.float32), "-1_1")
+        vi = to_model_range(np.stack([buckets.pad_to(x, (hb, wb))[..., 0] for x in vis]).astype(np.float32), "-1_1")
         I, V = (vi, ir) if self.i_source == "vis" else (ir, vi)
         x = self.sample(I, V)
         outs = [fused_luminance(x[i, :h, :w])[..., None].astype(np.float32) for i, (h, w) in enumerate(sizes)]

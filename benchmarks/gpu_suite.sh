@@ -11,6 +11,7 @@
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh sizes     # fuse_throughput.py: largest pair per CAIM path, up to 4096x4096
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh train     # train_throughput.py: both stages, width 32, batch 16, 256, bf16
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh folder    # bucket_policy.py: TNO folder, --max-buckets 0 vs 3
+#   OUT=gpu_results bash benchmarks/gpu_suite.sh ddfm      # ddfm_throughput.py: s per TNO pair, both priors, fp32/bf16
 #   OUT=gpu_results bash benchmarks/gpu_suite.sh all
 #
 # Needs one Python with CUDA builds of jax and torch (PYTHON, default python3) and this package's
@@ -22,6 +23,7 @@
 # CAIM's implementation in the compare and throughput parts (default: auto, the kernel on GPU).
 # FUSE_ARGS is appended to every fuse_throughput.py call (last wins), e.g. for a CPU smoke test of
 # the plumbing: PYTHON=.venv/bin/python FUSE_ARGS="--width 8 --size 64x64 --batch 1 --iters 1" ... throughput
+# DDFM_ARGS does the same for the ddfm part (e.g. "--size 64x64 --guided-config configs/ddfm_tiny.py --timed-steps 1 --iters 1").
 set -uo pipefail
 
 part=${1:-all}
@@ -133,6 +135,16 @@ run_folder() {
   step bucket_policy "$PY" "$HERE/benchmarks/bucket_policy.py" --policies 0,3,1 --json "$OUT/parts/folder_buckets.json"
 }
 
+run_ddfm() {
+  # DDFM (issue 14's target: the authors' full-size prior in at most 3 s per TNO pair on an H100, 100
+  # steps): 10 timed steps per call, 2 calls, at TNO size; the PyTorch row runs on the CPU, so not here.
+  for dt in float32 bfloat16; do
+    # shellcheck disable=SC2086  # DDFM_ARGS is a list of words
+    step "ddfm_$dt" "$PY" "$HERE/benchmarks/ddfm_throughput.py" --rows jax-sr3,jax-guided --size 576x768 \
+      --timed-steps 10 --iters 2 --dtype "$dt" --json "$OUT/parts/ddfm_$dt.json" ${DDFM_ARGS:-}
+  done
+}
+
 case "$part" in
   kernel) run_kernel; merge_json kernel ;;
   compare) run_compare; merge_json compare ;;
@@ -140,8 +152,9 @@ case "$part" in
   sizes) run_sizes; merge_json sizes ;;
   train) run_train; merge_json train ;;
   folder) run_folder; merge_json folder ;;
-  all) for p in kernel compare throughput sizes train folder; do part=$p; "run_$p"; merge_json "$p"; done ;;
-  *) echo "usage: gpu_suite.sh kernel|compare|throughput|sizes|train|folder|all" >&2; exit 2 ;;
+  ddfm) run_ddfm; merge_json ddfm ;;
+  all) for p in kernel compare throughput sizes train folder ddfm; do part=$p; "run_$p"; merge_json "$p"; done ;;
+  *) echo "usage: gpu_suite.sh kernel|compare|throughput|sizes|train|folder|ddfm|all" >&2; exit 2 ;;
 esac
 echo "failed steps: $failed"
 exit "$failed"

@@ -45,9 +45,10 @@ DATASETS: dict[str, tuple[str, str, str]] = {
 MODEL = "dmfuse"  # the method name (folder name) of the model's fused images
 DDFM = "ddfm"  # DDFM sampling with the default prior (`dmfuse fuse --method ddfm`)
 
-# The DMFuse paper's TNO means (DESIGN.md section 7); our metric names.
+# The DMFuse paper's TNO means (DESIGN.md section 7); our metric names (the paper's "MS-SSIM" is the
+# field script's multi-exposure variant, our MS_SSIM_MEF, not Wang's MS-SSIM).
 PAPER_TNO = {"EN": 6.9324, "SD": 37.0730, "PC": 0.3500, "FMI_pixel": 0.9060, "Qe": 0.4573,
-             "Qabf": 0.5467, "MS_SSIM": 0.9130, "VIF": 0.4233}
+             "Qabf": 0.5467, "MS_SSIM_MEF": 0.9130, "VIF": 0.4233}
 
 
 def fuse(method: str, ir: Path, vi: Path, mode: str, out: Path, checkpoint: str | None, batch_size: int,

@@ -53,3 +53,18 @@ def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit) as e:
         q.main(["--methods", "dmfuse,nope", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_paper_column_sits_on_our_names_for_the_papers_metrics(tmp_path):
+    """The paper's "MS-SSIM" 0.913 is our MS_SSIM_MEF; Wang's MS_SSIM gets no paper figure."""
+    q = _script()
+    d = tmp_path / "tno"
+    d.mkdir()
+    (d / "summary.md").write_text("| metric | a |\n| --- | ---: |\n| MS_SSIM ↑ | 0.7 |\n| MS_SSIM_MEF ↑ | 0.9 |\n"
+                                  "| Qabf ↑ | 0.5 |\n\nScored with convention: vifb.\n")
+    lines = q.dataset_table("tno", tmp_path).splitlines()
+    assert lines[0].endswith("paper (DMFuse, TNO) |")
+    assert lines[2].endswith("| - |"), f"MS_SSIM must have no paper figure: {lines[2]}"
+    assert lines[3].endswith("| 0.9130 |"), f"MS_SSIM_MEF carries the paper's MS-SSIM: {lines[3]}"
+    assert lines[4].endswith("| 0.5467 |"), lines[4]
+    assert lines[-1].startswith("Scored with"), "the convention line is kept as is"

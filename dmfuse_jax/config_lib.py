@@ -100,7 +100,8 @@ def config_from_flags(path: str, argv: Sequence[str] = ()) -> ml_collections.Con
 
     Runs on a fresh absl `FlagValues`, so it can be called any number of times in one process. Every
     problem (missing or broken file, unknown key, a value of the wrong type, a stray argument) is a
-    one-line `UserError` naming the file or the key. The config comes back unlocked, as the file made it.
+    one-line `UserError` naming the file or the key, and so is a value out of its valid range
+    (`validate_config`). The config comes back unlocked, as the file made it.
     """
     import os
 
@@ -127,6 +128,7 @@ def config_from_flags(path: str, argv: Sequence[str] = ()) -> ml_collections.Con
         raise UserError(f"unrecognized argument(s): {' '.join(rest[1:])} (config overrides are --config.KEY=VALUE)")
     if not isinstance(config, ml_collections.ConfigDict):
         raise _diagnose(path, (), None)
+    validate_config(config, path)
     return config
 
 
@@ -207,3 +209,107 @@ def _accept_any_literal_for_none_keys() -> None:
                 return argument
 
     config_flags.register_flag_parser_for_type(type(None), AnyLiteral())
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: every key with a valid range, checked when a config is built (`config_from_flags`), so
+# a bad value exits 2 before any work or write. Registry: key -> (what it must be, check). Only keys
+# the config has are checked; the mesh against the device count is `training.train.check_devices`.
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    import math
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int):
+    return f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo
+
+
+def _num(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = True):
+    what = f"a finite number {'>' if lo_open else '>='} {lo:g}" + (
+        f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
+    return what, lambda v: (_is_num(v) and (v > lo if lo_open else v >= lo)
+                            and (hi is None or (v < hi if hi_open else v <= hi)))
+
+
+def _one_of(*names: str):
+    return f"one of {', '.join(map(repr, names))}", lambda v: v in names
+
+
+VALID_RANGES: dict[str, tuple[str, object]] = {
+    "seed": ("an integer", _is_int),
+    "batch_size": _int_at_least(1),
+    "total_steps": ("an integer >= 0 (0: from num_epochs)", lambda v: _is_int(v) and v >= 0),
+    "num_epochs": _num(0),
+    "checkpoint_every_steps": _int_at_least(1),
+    "keep_checkpoints": ("an integer >= 0 (0: keep all)", lambda v: _is_int(v) and v >= 0),
+    "log_every_steps": _int_at_least(1),
+    "preview_every_steps": ("an integer >= 0 (0: no previews)", lambda v: _is_int(v) and v >= 0),
+    "max_nonfinite_steps": ("an integer >= 0 (0: stop at the first non-finite step)",
+                            lambda v: _is_int(v) and v >= 0),
+    "optimizer.name": _one_of("adam", "adamw"),
+    "optimizer.learning_rate": _num(0, lo_open=True),
+    "optimizer.warmup_steps": _int_at_least(0),
+    "optimizer.schedule": _one_of("constant", "cosine"),
+    "optimizer.b1": _num(0, 1),
+    "optimizer.b2": _num(0, 1),
+    "optimizer.eps": _num(0, lo_open=True),
+    "optimizer.weight_decay": _num(0),
+    "optimizer.grad_clip": ("a finite number >= 0 (0: no clipping)", _num(0)[1]),
+    "optimizer.ema_decay": _num(0, 1),
+    "model.dtype": _one_of("float32", "bfloat16"),
+    "model.input_range": _one_of("-1_1", "0_1"),
+    "model.unet.inner_channels": _int_at_least(1),
+    "model.unet.norm_groups": _int_at_least(1),
+    "model.unet.res_blocks": _int_at_least(1),
+    "model.unet.image_size": _int_at_least(1),
+    "model.unet.dropout": _num(0, 1),
+    "diffusion.num_timesteps": _int_at_least(1),
+    "data.num_threads": _int_at_least(1),
+    "data.prefetch": _int_at_least(0),
+    "data.worker_count": _int_at_least(0),
+    "data.patch_size": _int_at_least(1),
+    "data.patch_step": _int_at_least(1),
+    "data.num_holdout": _int_at_least(0),
+    "data.max_pairs": ("an integer >= 0 (0: all)", lambda v: _is_int(v) and v >= 0),
+    "sharding.fsdp_min_size": _int_at_least(0),
+    "sharding.mesh_shape": ("two integers (data, fsdp), each >= 1 or one of them -1 (the rest)",
+                            lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                            and all(_is_int(s) and (s >= 1 or s == -1) for s in v) and list(v).count(-1) <= 1),
+    "preview.num_samples": _int_at_least(1),
+    "preview.sample_steps": _int_at_least(1),
+    "preview.size": _int_at_least(16),
+}
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def validate_config(config, where: str = "config") -> None:
+    """UserError naming the first key whose value is out of its valid range (`VALID_RANGES`), and the
+    model timesteps against the diffusion schedule. Keys the config lacks are not checked."""
+    from dmfuse_jax.errors import UserError
+
+    for key, (what, ok) in VALID_RANGES.items():
+        value = _get(config, key)
+        if value is not _MISSING and not ok(value):
+            raise UserError(f"{where}: {key} = {value!r}: must be {what}")
+    steps, n = _get(config, "model.timesteps"), _get(config, "diffusion.num_timesteps")
+    if steps is not _MISSING and n is not _MISSING:
+        if not (isinstance(steps, (tuple, list)) and steps and all(_is_int(t) and 0 <= t < n for t in steps)):
+            raise UserError(f"{where}: model.timesteps = {steps!r}: must be integers in [0, {n}) "
+                            "(diffusion.num_timesteps)")

@@ -162,10 +162,13 @@ def _fake_workdir(path, config, weights):
     from dmfuse_jax.training import checkpoint as ck
 
     ck.write_config(path, config)
-    mgr = ocp.CheckpointManager((path / ck.CHECKPOINT_DIR).absolute(), item_names=("weights", "meta"),
+    mgr = ocp.CheckpointManager((path / ck.CHECKPOINT_DIR).absolute(),
+                                item_names=("weights", "meta", "integrity"),
                                 options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-    meta = {"step": 3, "stage": config.get("stage", ""), "checksums": ck.weight_checksums(weights)}
-    mgr.save(3, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)))
+    meta = {"step": 3, "stage": config.get("stage", ""), "checksum": ck.CHECKSUM,
+            "checksum_names": {"weights": ck.leaf_names(weights)}}
+    mgr.save(3, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta),
+                                        integrity=ocp.args.PyTreeSave({"weights": ck.host_hashes(weights)})))
     mgr.wait_until_finished()
     mgr.close()
     return path

@@ -47,13 +47,40 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
     return h, w
 
 
+def verify_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) after decoding the whole image (then dropped): a truncated or corrupt file fails here,
+    in seconds, before a model loads, not halfway through a run. Errors name the file."""
+    with _open_image(Path(path)) as im:
+        im.load()
+        w, h = im.size
+    return h, w
+
+
+def alpha_to_01(alpha: np.ndarray) -> np.ndarray:
+    """An alpha channel as float32 weights in [0, 1] (uint8 / 255, wider integers / their maximum)."""
+    alpha = np.asarray(alpha)
+    if alpha.dtype == np.bool_:
+        return alpha.astype(np.float32)
+    if np.issubdtype(alpha.dtype, np.integer):
+        return alpha.astype(np.float32) / float(np.iinfo(alpha.dtype).max)
+    return np.clip(alpha.astype(np.float32), 0.0, 1.0)
+
+
+def composite_on_black(colour01: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Images with an alpha channel (RGBA, LA, a palette with transparency) are composited on black:
+    colour x alpha. Transparent pixels become black (no signal to fuse); an opaque alpha changes
+    nothing. The one alpha rule of the package (files and arrays)."""
+    return np.asarray(colour01, np.float32) * alpha_to_01(alpha)
+
+
 def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.ndarray:
     """Reads an image as float32 in [0, 1], shape (H, W, 1) for grey or (H, W, 3) for colour.
 
     8-bit images are divided by 255. 16-bit (and 32-bit integer/float) images, such as raw thermal
     TIFFs, are mapped with `sixteen_bit`: 'minmax' stretches the image's own min..max to 0..1 (the
     usual display mapping for radiometric thermal data); 'full' divides by 65535. RGB images whose
-    three channels are equal (TNO stores grey this way) come back as grey. Alpha is dropped.
+    three channels are equal (TNO stores grey this way) come back as grey. An alpha channel (RGBA,
+    LA, a palette with transparency) is composited on black (`composite_on_black`).
     """
     path = Path(path)
     with _open_image(path) as im:
@@ -71,7 +98,11 @@ def read_image(path: str | os.PathLike, *, sixteen_bit: str = "minmax") -> np.nd
         elif mode == "1":
             arr = np.asarray(im, dtype=np.float32)
             high = False
-        else:  # P, LA, RGBA, CMYK, YCbCr ...
+        elif mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info):
+            rgba = np.asarray(im.convert("RGBA"))
+            arr = composite_on_black(rgba[..., :3].astype(np.float32) / 255.0, rgba[..., 3:])
+            high = False
+        else:  # P, CMYK, YCbCr ...
             target = "L" if mode in ("LA", "La") else "RGB"
             arr = np.asarray(im.convert(target), dtype=np.float32) / 255.0
             high = False

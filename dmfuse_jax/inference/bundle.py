@@ -1,6 +1,7 @@
 """Inference bundles: a folder with the config and the params only (no optimizer state), orbax format.
 
-  BUNDLE/dmfuse_bundle.json   marker + metadata (format version, stored param dtype, source)
+  BUNDLE/dmfuse_bundle.json   marker + metadata (format version, stored param dtype, source) and
+                              the manifest: the sha256 of every param array's stored bytes
   BUNDLE/config.json          the full config (`ConfigDict.to_json`)
   BUNDLE/params/              orbax PyTree checkpoint of {'unet': ..., 'head': ...}
   BUNDLE/export/              optional: the `jax.export` artefact (see `export.py`)
@@ -8,10 +9,14 @@
 Params may be stored as float32, bfloat16 or float16 (a small default bundle); they are always
 loaded back as float32 (the compute dtype is the config's `model.dtype`). A bundle is written to a
 temporary folder beside its destination and renamed into place, so no half-written bundle exists.
+Loading checks every array against the manifest (a flipped byte is a `UserError` naming the file and
+the array). `--overwrite` replaces only a folder that is a bundle (its marker) holding nothing but a
+bundle's files: never a workdir or a folder of the user's.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +33,12 @@ MARKER = "dmfuse_bundle.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 FORMAT = "dmfuse-inference-bundle"
-VERSION = 1
+# 2: the marker holds the sha256 manifest of the params ('arrays'); version 1 bundles had none and
+# are refused: rebuild them from their source (a workdir, npz or .pth files).
+VERSION = 2
+CHECKSUM = "sha256"
+# What a bundle folder holds; `--overwrite` refuses a folder with anything else in it.
+BUNDLE_ENTRIES = frozenset({MARKER, CONFIG_FILE, PARAMS_DIR, "export"})
 STORE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,22 +58,49 @@ def config_to_json(config) -> str:
 
 
 def check_bundle_out(out: str | os.PathLike, overwrite: bool = False) -> None:
-    """Before any work: `out` can be created as a folder, and does not exist unless `overwrite`."""
+    """Before any work: `out` can be created as a folder, and does not exist unless `overwrite`
+    (then it must be a bundle this project wrote, see `check_replaceable`)."""
     from dmfuse_jax.data.images import check_output_path
 
     check_output_path(out, "--out", folder=True)
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{Path(out).absolute()}: already exists (pass --overwrite to replace it)")
+    if Path(out).exists():
+        if not overwrite:
+            raise UserError(f"{Path(out).absolute()}: already exists (pass --overwrite to replace it)")
+        check_replaceable(out)
+
+
+def check_replaceable(out: str | os.PathLike) -> None:
+    """UserError unless `out` is a folder holding a bundle (its marker names the bundle format) and
+    nothing else: `--overwrite` must never delete a training workdir or the user's files."""
+    out = Path(out).absolute()
+    if not out.is_dir():
+        raise UserError(f"{out}: --overwrite replaces only an inference bundle; this is a file")
+    entries = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") or "nothing"
+    try:
+        meta = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{out}: not an inference bundle (no valid {MARKER}; it holds {shown}): --overwrite "
+                        "replaces only a bundle dmfuse wrote; nothing was changed, choose another --out")
+    other = [e for e in entries if e not in BUNDLE_ENTRIES]
+    if other:
+        raise UserError(f"{out}: a bundle that also holds {', '.join(other[:8])}: --overwrite would delete "
+                        "them; nothing was changed, move them out or choose another --out")
 
 
 def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Creates folder `out` by calling fill(tmp) on a temporary sibling, then renaming it into place.
 
-    An existing `out` is an error unless `overwrite` (then it is replaced only after `fill` succeeded).
+    An existing `out` is an error unless `overwrite` and it is a bundle (`check_replaceable`); it is
+    replaced only after `fill` succeeded, by renames, so a failed write leaves it whole.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -73,6 +110,7 @@ def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], None], *,
     try:
         fill(tmp)
         if out.exists():
+            check_replaceable(out)  # again: it may have changed while `fill` ran
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "x")
         os.rename(tmp, out)
@@ -87,8 +125,34 @@ def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], None], *,
     return out
 
 
-def save_params(path: Path, params: Any, store_dtype: str = "float32") -> None:
-    """Writes a numpy param tree with orbax (synchronously) after casting floats to `store_dtype`."""
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 (hex) of an array's bytes (C order, its own dtype): the manifest's content hash."""
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def manifest(tree: Any) -> dict[str, str]:
+    """{array path (jax keystr): sha256 of its bytes} of a numpy tree."""
+    import jax
+    return {jax.tree_util.keystr(k): array_sha256(np.asarray(a))
+            for k, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def verify_manifest(tree: Any, expected: dict[str, str], where: str) -> None:
+    """UserError naming `where` and the first array whose bytes do not match `expected`."""
+    got = manifest(tree)
+    if set(got) != set(expected):
+        diff = sorted(set(got) ^ set(expected))
+        raise UserError(f"{where}: arrays differ from the manifest ({', '.join(diff[:4])}"
+                        f"{' ...' if len(diff) > 4 else ''}): the bundle is damaged; rebuild or re-download it")
+    for name in sorted(expected):
+        if got[name] != expected[name]:
+            raise UserError(f"{where}: array {name} fails its {CHECKSUM} check (the file is damaged): "
+                            "rebuild or re-download the bundle")
+
+
+def save_params(path: Path, params: Any, store_dtype: str = "float32") -> dict[str, str]:
+    """Writes a numpy param tree with orbax (synchronously) after casting floats to `store_dtype`;
+    returns its manifest (sha256 of each stored array)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -96,13 +160,18 @@ def save_params(path: Path, params: Any, store_dtype: str = "float32") -> None:
     tree = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dt), params)
     ckptr = ocp.PyTreeCheckpointer()
     ckptr.save(Path(path).absolute(), tree)
+    return manifest(tree)
 
 
-def restore_params(path: Path) -> Any:
-    """orbax PyTree checkpoint -> numpy float32 tree."""
+def restore_params(path: Path, expected: dict[str, str] | None = None) -> Any:
+    """orbax PyTree checkpoint -> numpy float32 tree; with `expected` (a manifest), every stored
+    array is checked against it first (UserError on a mismatch)."""
     import jax
     import orbax.checkpoint as ocp
 
+    from dmfuse_jax.training.checkpoint import settle_reads_before_closing_loops
+
+    settle_reads_before_closing_loops()  # a damaged file: one error, not a traceback per array
     path = Path(path).absolute()
     ckptr = ocp.PyTreeCheckpointer()
     meta = ckptr.metadata(path)
@@ -110,6 +179,8 @@ def restore_params(path: Path) -> Any:
     tree = getattr(tree, "tree", tree)
     restore_args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     got = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    if expected is not None:
+        verify_manifest(got, expected, str(path))
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), got)
 
 
@@ -120,7 +191,7 @@ def write_bundle_into(folder: Path, config, params: Any, *, store_dtype: str = "
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_params(folder / PARAMS_DIR, params, store_dtype)
+    arrays = save_params(folder / PARAMS_DIR, params, store_dtype)
     (folder / CONFIG_FILE).write_text(config_to_json(config))
     import jax
     meta = {
@@ -129,6 +200,7 @@ def write_bundle_into(folder: Path, config, params: Any, *, store_dtype: str = "
         "params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
         "source": str(source), "dmfuse_jax": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checksum": CHECKSUM, "arrays": arrays,
     }
     # The marker is written last: a folder with a marker is a complete bundle.
     (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -158,6 +230,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     if int(meta.get("version", 0)) > VERSION:
         raise UserError(f"{path}: bundle format version {meta['version']} is newer than this dmfuse-jax "
                         f"understands ({VERSION}); upgrade dmfuse-jax")
+    if meta.get("checksum") != CHECKSUM or not isinstance(meta.get("arrays"), dict):
+        raise UserError(f"{path / MARKER}: no {CHECKSUM} manifest of the params (a version "
+                        f"{meta.get('version')} bundle), so its params cannot be verified: rebuild it from "
+                        "its source (dmfuse export / convert-npz / convert-torch)")
     return meta
 
 
@@ -172,7 +248,9 @@ def load_bundle(path: str | os.PathLike):
     if not (path / PARAMS_DIR).is_dir():
         raise UserError(f"{path / PARAMS_DIR}: missing: the bundle {path} has no params")
     try:
-        params = restore_params(path / PARAMS_DIR)
+        params = restore_params(path / PARAMS_DIR, meta["arrays"])
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any orbax failure means the bundle's params are unusable
         raise UserError(f"{path / PARAMS_DIR}: cannot restore params: {type(e).__name__}: {str(e)[:300]}") from None
     return config, params, meta

@@ -88,8 +88,8 @@ def normalise_array(x, name: str, *, sixteen_bit: str = "minmax") -> np.ndarray:
 
     uint8: / 255. uint16 (and other integers wider than 8 bits): as `read_image` maps 16-bit files
     ('minmax': the image's own min..max -> 0..1; 'full': / 65535). bool: 0/1. float: must already
-    lie in [0, 1]. Shapes: (H, W), (H, W, 1), (H, W, 3), (H, W, 4) (RGBA: alpha dropped). RGB with
-    three equal channels counts as grey.
+    lie in [0, 1]. Shapes: (H, W), (H, W, 1), (H, W, 3), (H, W, 4) (RGBA: composited on black, as
+    files are: `images.composite_on_black`). RGB with three equal channels counts as grey.
     """
     x = np.asarray(x)
     if x.ndim == 2:
@@ -97,8 +97,9 @@ def normalise_array(x, name: str, *, sixteen_bit: str = "minmax") -> np.ndarray:
     if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
         raise FuseInputError(f"{name}: unsupported image shape {x.shape} (expected (H, W), (H, W, 1), "
                              "(H, W, 3) or (H, W, 4) RGBA)")
+    alpha = None
     if x.shape[-1] == 4:
-        x = x[..., :3]
+        x, alpha = x[..., :3], x[..., 3:]
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif x.dtype == bool:
@@ -115,6 +116,9 @@ def normalise_array(x, name: str, *, sixteen_bit: str = "minmax") -> np.ndarray:
         x = np.clip(x, 0.0, 1.0)
     else:
         raise FuseInputError(f"{name}: unsupported dtype {x.dtype}")
+    if alpha is not None:
+        from dmfuse_jax.data.images import composite_on_black
+        x = composite_on_black(x, alpha)
     if x.shape[0] < 2 or x.shape[1] < 2:
         raise FuseInputError(f"{name}: image is too small ({x.shape[1]}x{x.shape[0]})")
     if x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2]):

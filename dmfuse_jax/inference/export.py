@@ -5,17 +5,20 @@ model code (`standalone_loader.py`, copied beside it, imports only jax and numpy
                                       f(params: list, ir, vi, seed) -> fused
   BUNDLE/export/params.npz            the params as a flat list (p0000, p0001, ...; 2-byte floats
                                       stored as uint16 bits, see export.json)
-  BUNDLE/export/export.json           shapes, dtypes, bucket multiple, input range, platforms
+  BUNDLE/export/export.json           shapes, dtypes, bucket multiple, input range, platforms, and
+                                      the sha256 of the artefact and of every params.npz array
   BUNDLE/export/dmfuse_export_loader.py   the loader (a copy of `standalone_loader.py`)
 
 ir, vi: (B, H, W, 1) float32 in [0, 1] with SYMBOLIC B, H and W: H and W any multiples of the
 UNet stride (16) of at least two strides (the deepest level needs >= 2 rows for its reflection
 padding); seed: int32 scalar. The loader pads inputs to the bucket multiple (as `dmfuse fuse`) and
 crops, so artefact and live model agree. Lowered for CPU and CUDA; attention uses the portable XLA
-paths (no Pallas kernels) so one artefact runs on both.
+paths (no Pallas kernels) so one artefact runs on both. The loader checks every sha256 before it
+runs anything: a damaged file is one error naming the file and the array (`ExportError`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -84,11 +87,16 @@ def write_export(folder: str | Path, config, params, *, dtype: str | None = None
     meta.update(bucket_multiple=bucket, default_seed=seed)
     out = Path(folder) / EXPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    (out / ARTEFACT).write_bytes(exported.serialize())
+    artefact = exported.serialize()
+    (out / ARTEFACT).write_bytes(artefact)
     arrays: dict[str, Any] = {}
     for i, x in enumerate(flat):
         arrays[f"p{i:04d}"] = x.view(np.uint16) if x.dtype.itemsize == 2 and x.dtype != np.float16 else x
     np.savez(out / PARAMS, **arrays)
+    # The loader's checks: sha256 of the artefact's bytes and of each stored array's bytes (C order).
+    meta.update(checksum="sha256", artefact_sha256=hashlib.sha256(artefact).hexdigest(),
+                params_sha256={k: hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+                               for k, a in arrays.items()})
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copyfile(Path(__file__).with_name("standalone_loader.py"), out / LOADER)
     return out

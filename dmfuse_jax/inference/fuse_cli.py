@@ -5,9 +5,10 @@
   dmfuse fuse --method laplacian_pyramid --ir IR_DIR --vis VIS_DIR --out OUT   # no model
   dmfuse fuse --method ddfm [--prior PATH] [--steps 100] --ir IR_DIR --vis VIS_DIR --out OUT   # DDFM
 
-Folders are paired by file name (stem; the extension may differ). Every input is checked (readable
-image, matching sizes) before anything is fused; outputs are 8-bit PNGs of the input size, each
-written to a temporary name and renamed. Errors name the file and exit with code 2.
+Folders are paired by file name (stem; the extension may differ). Every input is decoded once and
+checked (readable, not truncated, matching sizes) before the model loads; outputs are 8-bit PNGs of
+the input size, each written to a temporary name and renamed. Errors name the file and exit with
+code 2; pairs fused before an error are written first.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dmfuse_jax.data.images import check_output_path, probe_image
+from dmfuse_jax.data.images import check_output_path, verify_image
 from dmfuse_jax.errors import UserError
 
 
@@ -94,11 +95,12 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[tuple[str, Path, Path, Pa
 
 
 def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
-    """Reads every header; -> the output size (H, W) of each pair (the visible image's)."""
+    """Decodes every image (a truncated file fails here, before the model loads); -> the output size
+    (H, W) of each pair (the visible image's)."""
     sizes = []
     for _, a, b, _ in pairs:
-        ha, wa = probe_image(a)
-        hb, wb = probe_image(b)
+        ha, wa = verify_image(a)
+        hb, wb = verify_image(b)
         if (ha, wa) != (hb, wb) and not resize:
             raise UserError(f"{a}: size {wa}x{ha} differs from {b} ({wb}x{hb}); register the pair or pass "
                             "--resize to resize the infrared image to the visible size")
@@ -201,8 +203,17 @@ def run(args) -> int:
         if in_flight is not None:
             write(*in_flight)
             done += len(in_flight[0])
-    except UserError as e:
-        raise UserError(f"{e}\n({done} of {len(pairs)} pairs were written before this error)") from None
+            in_flight = None
+    except BaseException as e:
+        if in_flight is not None:  # the batch fused before the failure: write it, then report
+            try:
+                write(*in_flight)
+                done += len(in_flight[0])
+            except Exception:  # noqa: BLE001 - the original failure is the one to report
+                pass
+        if isinstance(e, UserError):
+            raise UserError(f"{e}\n({done} of {len(pairs)} pairs were written before this error)") from None
+        raise
     finally:
         bar.close()
     total = time.perf_counter() - t0

@@ -8,11 +8,18 @@
 
 Colour visible images take the YCbCr route (fuse Y, keep Cb/Cr, BT.601 full range); inputs are
 padded (reflect, bottom/right) to the export's bucket multiple and the result is cropped back.
+
+Loading checks the sha256 of the artefact and of every params.npz array (recorded in export.json)
+before anything runs: a missing, damaged or unreadable file raises `ExportError`, one line naming the
+file and the array. `python dmfuse_export_loader.py BUNDLE/export` only verifies: exit 0, or the
+error as one line and exit 2.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +55,75 @@ def _to01(x, name):
     return x
 
 
+class ExportError(Exception):
+    """A missing, damaged or unreadable export file; the message names the file (and the array)."""
+
+
+def _sha256(a):
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _read_meta(folder):
+    path = os.path.join(folder, "export.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable export metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("checksum") != "sha256" or "params_sha256" not in meta:
+        raise ExportError(f"{path}: no sha256 checksums (an export written before they existed): export it "
+                          "again with dmfuse export")
+    return meta
+
+
+def _read_artefact(folder, meta):
+    path = os.path.join(folder, "fuse.jaxexport")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: unreadable ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("artefact_sha256"):
+        raise ExportError(f"{path}: fails its sha256 check (the file is damaged): export it again")
+    try:
+        return jax_export.deserialize(bytearray(data))
+    except Exception as e:  # noqa: BLE001 - any failure here means an artefact this jax cannot read
+        raise ExportError(f"{path}: cannot deserialize ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_params(folder, meta):
+    """The flat param list, each array checked against its sha256 before use."""
+    import zipfile
+
+    path = os.path.join(folder, "params.npz")
+    expected = meta["params_sha256"]
+    arrays = []
+    try:
+        z = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e}): the file is damaged; export it again") from None
+    with z:
+        for i in range(int(meta["n_params"])):
+            name = f"p{i:04d}"
+            try:
+                a = z[name]
+            except KeyError:
+                raise ExportError(f"{path}: array {name} is missing: export it again") from None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise ExportError(f"{path}: array {name} is damaged ({type(e).__name__}: {e}): export it again") from None
+            if _sha256(a) != expected.get(name):
+                raise ExportError(f"{path}: array {name} fails its sha256 check (the file is damaged): export it again")
+            arrays.append(a)
+    return arrays
+
+
 class ExportedFuser:
     def __init__(self, folder):
-        with open(os.path.join(folder, "export.json")) as f:
-            self.meta = json.load(f)
-        with open(os.path.join(folder, "fuse.jaxexport"), "rb") as f:
-            self.exported = jax_export.deserialize(bytearray(f.read()))
+        folder = os.fspath(folder)
+        self.meta = _read_meta(folder)
+        self.exported = _read_artefact(folder, self.meta)
         dtype = jnp.dtype(self.meta["param_dtype"])
-        with np.load(os.path.join(folder, "params.npz")) as z:
-            arrays = [z[f"p{i:04d}"] for i in range(self.meta["n_params"])]
+        arrays = _read_params(folder, self.meta)
         self.params = [jnp.asarray(a.view(dtype) if a.dtype == np.uint16 else a) for a in arrays]
         self.multiple = int(self.meta["bucket_multiple"])
         self._call = jax.jit(self.exported.call, compiler_options=self._compiler_options())
@@ -99,4 +166,27 @@ class ExportedFuser:
 
 
 def load(folder):
+    """The export in `folder` (BUNDLE/export), verified; ExportError names a damaged file."""
     return ExportedFuser(folder)
+
+
+def main(argv=None):
+    """`python dmfuse_export_loader.py EXPORT_FOLDER`: verifies the export (exit 0) or prints one line
+    naming the damaged file and array (exit 2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python dmfuse_export_loader.py EXPORT_FOLDER (verifies the export)", file=sys.stderr)
+        return 2
+    try:
+        meta = _read_meta(argv[0])
+        _read_artefact(argv[0], meta)
+        n = len(_read_params(argv[0], meta))
+    except ExportError as e:
+        print(f"dmfuse_export_loader: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{argv[0]}: the artefact and {n} param arrays match their sha256")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

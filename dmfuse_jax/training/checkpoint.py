@@ -4,15 +4,16 @@ A workdir holds:
   config.json            the full config, written atomically when the run starts
   checkpoints/<step>/    orbax items: 'weights' (params, frozen params, EMA), 'train' (step,
                          optimizer state, RNG), 'data' (the grain iterator, one JSON per process),
-                         'integrity' (sum |x| per array of 'weights' and 'train', computed on device),
-                         'meta' (stage, step, the model/optimizer config, the checksums' array names)
+                         'integrity' (a 64-bit content hash of every array of 'weights' and 'train',
+                         computed on device; see CHECKSUM), 'meta' (stage, step, the model/optimizer
+                         config, the checksum's name and array names)
 Saves are asynchronous, every `checkpoint_every_steps`, keeping the last `keep_checkpoints`, plus one
 on SIGTERM/SIGINT (preemption). orbax commits a step atomically, so a save torn by a crash is not
 listed.
 
 Restoring never loses work:
-  - only a failed integrity check (a missing, truncated or unreadable file, or a checksum mismatch)
-    counts as corruption: that step is moved to `corrupt_checkpoints/` (never deleted) and the
+  - only a failed integrity check (a missing, truncated or unreadable file, or a content checksum
+    mismatch: one flipped byte is enough) counts as corruption: that step is moved to `corrupt_checkpoints/` (never deleted) and the
     previous one is tried; the run prints which step it resumed from;
   - a different model / optimizer config (or stage) is a `UserError` naming the differing keys;
   - a different process count restores params and optimizer state and re-derives every process's
@@ -21,6 +22,8 @@ Restoring never loses work:
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dmfuse_jax.data.images import write_text_atomic
-from dmfuse_jax.errors import UserError
+from dmfuse_jax.errors import SaveFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +87,81 @@ def load_workdir_config(workdir: str | os.PathLike):
 
 
 # ---------------------------------------------------------------------------------------------
-# checksums
+# content checksums
+#
+# Per array, two 32-bit weighted sums of its bit pattern (as unsigned words), modulo 2**32:
+#   h1 = sum (2 i + 1) w_i,   h2 = sum (w_i xor (w_i >> 15)) (GOLDEN i | 1)
+# over the words w_i in C order. Every weight is odd, so odd mod 2**32 is invertible: ANY change of one
+# word (a flipped bit or byte) changes h1 for certain; other damage goes unseen with odds ~2**-64.
+# Integer sums are exact, so the result does not depend on the sharding or device count, and they
+# are computed on the devices where the arrays live: no host copy, no sync at save time.
+CHECKSUM = "wsum32x2"
+_GOLDEN = 0x9E3779B1
 
 
 @functools.cache
-def _abs_sums():
-    """One jitted function for every save and restore (jit caches per tree layout): sum |x| per
-    leaf, float32, as one (N,) array in `tree_leaves` order. Dispatched asynchronously: no host sync."""
+def _hashes_fn():
+    """One jitted function for every save and restore (jit caches per tree layout): (N, 2) uint32,
+    the content hashes of the leaves in `tree_leaves` order. Dispatched asynchronously."""
     import jax
     import jax.numpy as jnp
 
     from dmfuse_jax import compilation
 
-    def sums(tree):
+    def words(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        size = x.dtype.itemsize
+        if size == 8:
+            return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]).astype(jnp.uint32)
+
+    def one(x):
+        w = words(x)
+        if w.ndim == 0:
+            w = w[None]
+        idx = jnp.zeros(w.shape, jnp.uint32)
+        stride = 1
+        for d in reversed(range(w.ndim)):  # the C-order position of each word, sharding-friendly
+            idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= w.shape[d]
+        h1 = jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
+        h2 = jnp.sum((w ^ (w >> 15)) * ((idx * jnp.uint32(_GOLDEN)) | 1), dtype=jnp.uint32)
+        return jnp.stack([h1, h2])
+
+    def hashes(tree):
         leaves = jax.tree_util.tree_leaves(tree)
         if not leaves:
-            return jnp.zeros((0,), jnp.float32)
-        return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves])
+            return jnp.zeros((0, 2), jnp.uint32)
+        return jnp.stack([one(x) for x in leaves])
 
-    return compilation.jit(sums)
+    return compilation.jit(hashes)
 
 
-def array_checksums(tree):
-    """(N,) float32 device array: sum |x| of every leaf of `tree` (sharded or not)."""
-    return _abs_sums()(tree)
+def array_hashes(tree):
+    """(N, 2) uint32 device array: the content hashes of every leaf of `tree` (sharded or not)."""
+    return _hashes_fn()(tree)
+
+
+def host_hashes(tree) -> np.ndarray:
+    """`array_hashes` of a tree of host numpy arrays, in numpy (no compilation): the same values."""
+    import jax
+
+    out = []
+    for x in jax.tree_util.tree_leaves(tree):
+        x = np.ascontiguousarray(np.asarray(x))
+        if x.dtype == np.bool_:
+            x = x.astype(np.uint8)
+        w = x.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize])
+        w = w.astype(np.uint32)
+        idx = np.arange(w.size, dtype=np.uint32)
+        with np.errstate(over="ignore"):
+            h1 = np.sum(w * (2 * idx + 1), dtype=np.uint32)
+            h2 = np.sum((w ^ (w >> 15)) * ((idx * np.uint32(_GOLDEN)) | 1), dtype=np.uint32)
+        out.append((h1, h2))
+    return np.asarray(out, np.uint32).reshape(-1, 2)
 
 
 def leaf_names(tree) -> list[str]:
@@ -115,39 +169,44 @@ def leaf_names(tree) -> list[str]:
     return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def weight_checksums(weights) -> dict[str, float]:
-    """{array path: sum |x|} on the host (the format of checkpoints written before 'integrity')."""
-    import jax
-    return dict(zip(leaf_names(weights), map(float, jax.device_get(array_checksums(weights)))))
-
-
-def compare_checksums(names: list[str], got, expected, where: str) -> None:
-    """IntegrityError unless `got` and `expected` (sums per array named `names`) agree to float32
-    rounding (sums over a different device count are added in another order)."""
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+def compare_hashes(names: list[str], got, expected, where: str) -> None:
+    """IntegrityError naming the first array whose content hash differs from the recorded one."""
+    got, expected = np.asarray(got, np.uint32), np.asarray(expected)
     if got.shape != expected.shape or len(names) != len(got):
         raise IntegrityError(f"{where}: {len(got)} arrays, {len(expected)} recorded checksums")
-    for name, v, ref in zip(names, got, expected):
-        if not np.isfinite(v) or abs(v - ref) > 1e-4 * abs(ref) + 1e-6:
-            raise IntegrityError(f"{where}: checksum mismatch for {name}: {v} vs recorded {ref}")
-
-
-def verify_checksums(weights, expected: dict[str, float], where: str) -> None:
-    """Host numpy `weights` against a {path: sum |x|} record (IntegrityError on mismatch)."""
-    import jax
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(weights)
-    got = {jax.tree_util.keystr(k): float(np.sum(np.abs(np.asarray(x, np.float64)))) for k, x in flat}
-    if set(got) != set(expected):
-        raise IntegrityError(f"{where}: arrays differ from the recorded ones")
-    names = sorted(got)
-    compare_checksums(names, [got[k] for k in names], [expected[k] for k in names], where)
+    for name, v, ref in zip(names, got, expected.astype(np.uint32)):
+        if not np.array_equal(v, ref):
+            raise IntegrityError(f"{where}: array {name} fails its content checksum (damaged bytes)")
 
 
 # Read errors that mean a checkpoint's files are damaged: tensorstore's status for a missing file or
 # array (NOT_FOUND), a file shorter than its index says (OUT_OF_RANGE), undecodable bytes (DATA_LOSS).
 # Other statuses (UNAVAILABLE, PERMISSION_DENIED, RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) are not.
 _DAMAGE = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS)\b")
+
+
+# System failures while writing (a save): errno, or the text tensorstore / orbax put in their errors.
+_SYSTEM_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "read-only filesystem", errno.EIO: "I/O error"}
+_SYSTEM_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Permission denied|"
+                          r"Operation not permitted|Read-only file system|Input/output error")
+
+
+def system_failure(error: BaseException) -> str | None:
+    """A short reason when a save error (or one it was raised from) is a system failure: disk full,
+    quota, permission, read-only filesystem, I/O error; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _SYSTEM_ERRNOS:
+            where = f" ({error.filename})" if error.filename else ""
+            return _SYSTEM_ERRNOS[error.errno] + where
+        m = _SYSTEM_TEXT.search(str(error))
+        if m:
+            return m.group(0)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def is_damage(error: BaseException) -> bool:
@@ -210,9 +269,45 @@ def check_config(recorded: dict, config, where: str) -> None:
 # the manager used by training
 
 
+def settle_reads_before_closing_loops() -> None:
+    """Makes orbax let every in-flight read finish before it closes its event loop.
+
+    orbax runs each restore as `loop.run_until_complete(gather(reads))` on a fresh loop and closes it
+    at once. When one read fails (a missing or truncated file), gather raises while the other reads
+    are still running in tensorstore's threads; each then completes into the closed loop and prints
+    `RuntimeError: Event loop is closed` (about one traceback per array, ~1,000 for a damaged
+    checkpoint) plus 'Future exception was never retrieved'. Draining the loop's remaining tasks
+    (their errors collected, not raised) before closing removes that at its origin; the first error
+    is still the one raised. Installed once, for this process."""
+    import asyncio
+
+    from orbax.checkpoint._src import asyncio_utils
+
+    current = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if current is None or getattr(current, "_dmfuse_settles", False):
+        return
+
+    def run_sync_via_new_loop(coro):
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            return loop.run_until_complete(coro)
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    run_sync_via_new_loop._dmfuse_settles = True
+    asyncio_utils._run_sync_via_new_loop = run_sync_via_new_loop
+
+
 def _manager(directory: Path, *, every: int = 1, keep: int | None = None, read_only: bool = False,
              async_save: bool = True):
     import orbax.checkpoint as ocp
+
+    settle_reads_before_closing_loops()
 
     if read_only:  # readers: no save policy; handlers named so item metadata can be read
         import grain
@@ -272,20 +367,48 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
         """Starts an async save at `step` if due (or `force`); returns whether one was started.
-        The checksums are device arrays saved with the state: no host sync here."""
-        import grain
-        import jax
-        import orbax.checkpoint as ocp
-
+        The content hashes are device arrays saved with the state: no host sync here."""
         # Our policy, not orbax's (which also saves the first step it sees): every `every` steps.
         if (not force and step % self.every) or step in self.manager.all_steps():
             return False
+        with self._system_failures(step):
+            return self._save(step, state, data_iter)
+
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would save (without force); cheap, no file listing."""
+        return step % self.every == 0
+
+    @contextlib.contextmanager
+    def _system_failures(self, step: int | None):
+        """Turns a disk-full / quota / permission / I/O error of a save (raised now, or by the
+        background write of an earlier one) into one line (SaveFailed, exit 1)."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - classified: only system failures become one line
+            reason = system_failure(error)
+            if reason is None:
+                raise
+            try:
+                latest = self.manager.latest_step()
+            except Exception:  # noqa: BLE001 - only for the message
+                latest = None
+            raise SaveFailed(
+                f"saving checkpoint{'' if step is None else f' {step}'} in {self.directory} failed: {reason}; "
+                f"the checkpoints committed before it are intact (latest: "
+                f"{'none' if latest is None else f'step {latest}'}); fix that and run the same command to "
+                "resume") from None
+
+    def _save(self, step: int, state, data_iter) -> bool:
+        import grain
+        import jax
+        import orbax.checkpoint as ocp
         weights, rest = state.split_items()
         meta = {"step": int(step), "stage": self.stage,
                 "config": config_record(self.config) if self.config is not None else None,
                 "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "checksum": CHECKSUM,
                 "checksum_names": {"weights": leaf_names(weights), "train": leaf_names(rest)}}
-        integrity = {"weights": array_checksums(weights), "train": array_checksums(rest)}
+        integrity = {"weights": array_hashes(weights), "train": array_hashes(rest)}
         return self.manager.save(step, force=True, args=ocp.args.Composite(
             weights=ocp.args.StandardSave(weights), train=ocp.args.StandardSave(rest),
             integrity=ocp.args.PyTreeSave(integrity),  # PyTree: read back as host numpy (_restore_host_item)
@@ -345,17 +468,10 @@ class Checkpointer:
         return got["weights"], got["train"]
 
     def _verify(self, step: int, meta: dict, weights, rest) -> None:
-        """Checksums recomputed on device (the arrays may span processes) against the recorded ones."""
+        """Content hashes recomputed on device (the arrays may span processes) against the recorded ones."""
         import jax
         where = str(self.directory / str(step))
-        if "checksums" in meta:  # written before the 'integrity' item
-            sums = jax.device_get(array_checksums(weights))
-            names = leaf_names(weights)
-            exp = meta["checksums"]
-            if set(names) != set(exp):
-                raise IntegrityError(f"{where}: arrays differ from the recorded ones")
-            compare_checksums(names, sums, [exp[n] for n in names], where)
-            return
+        check_checksum_kind(meta, where)
         if not (self.directory / str(step) / "integrity").is_dir():
             raise IntegrityError(f"{where}: missing integrity")
         saved = _restore_host_item(self.manager, step, "integrity")
@@ -363,7 +479,7 @@ class Checkpointer:
             names = meta.get("checksum_names", {}).get(item)
             if names != leaf_names(tree):
                 raise IntegrityError(f"{where}/{item}: arrays differ from the recorded ones")
-            compare_checksums(names, jax.device_get(array_checksums(tree)), saved[item], f"{where}/{item}")
+            compare_hashes(names, jax.device_get(array_hashes(tree)), saved[item], f"{where}/{item}")
 
     def _restore_data(self, step: int, data_iter) -> None:
         """The iterator's position: grain's own state when this run has the process count that
@@ -406,11 +522,34 @@ class Checkpointer:
         return bool(self.manager.reached_preemption(step))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._system_failures(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._system_failures(None):
+            self.manager.wait_until_finished()
         self.manager.close()
+
+    def abandon(self) -> None:
+        """On a failure: lets saves already started finish (they hold finite states), starts none, and
+        closes without raising (the original error is the one to report)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failure being raised matters, not a second one
+            pass
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def check_checksum_kind(meta: dict, where: str) -> None:
+    """UserError for a checkpoint written before content checksums (its sums cannot catch a flipped
+    byte): not damage, so it is neither set aside nor silently trusted."""
+    if meta.get("checksum") != CHECKSUM:
+        raise UserError(f"{where}: written by an older dmfuse-jax without content checksums "
+                        f"(checksum {meta.get('checksum', 'sum |x|')!r}, this version needs {CHECKSUM!r}); "
+                        "no checkpoint was changed: train into a new --workdir")
 
 
 def set_data_position(data_iter, step: int, written: list[Path], where: str) -> None:
@@ -534,16 +673,14 @@ def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None 
             try:
                 weights, meta = _restore_numpy(manager, s)
                 where = str(directory / str(s))
-                if "checksums" in meta:  # written before the 'integrity' item
-                    verify_checksums(weights, meta["checksums"], where)
-                else:
-                    names = meta.get("checksum_names", {}).get("weights")
-                    if names != leaf_names(weights):
-                        raise IntegrityError(f"{where}/weights: arrays differ from the recorded ones")
-                    got = [np.sum(np.abs(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(weights)]
-                    compare_checksums(names, got, _restore_host_item(manager, s, "integrity")["weights"], where)
+                check_checksum_kind(meta, where)
+                names = meta.get("checksum_names", {}).get("weights")
+                if names != leaf_names(weights):
+                    raise IntegrityError(f"{where}/weights: arrays differ from the recorded ones")
+                compare_hashes(names, host_hashes(weights), _restore_host_item(manager, s, "integrity")["weights"],
+                               f"{where}/weights")
             except Exception as e:  # noqa: BLE001 - classified: only damage is skipped
-                if not is_damage(e):
+                if not is_damage(e) or isinstance(e, UserError):
                     raise
                 errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
                 warnings.warn(f"checkpoint {directory / str(s)} is corrupt ({errors[-1]}); "

@@ -32,6 +32,9 @@ def common(config: ml_collections.ConfigDict, *, stage: str, batch_size: int, to
     config.keep_checkpoints = 3
     config.log_every_steps = log_every_steps
     config.preview_every_steps = preview_every_steps
+    # Steps with a non-finite loss or gradient norm whose update may be skipped before the run stops
+    # (exit 3); 0: stop at the first. No non-finite state is ever applied or saved.
+    config.max_nonfinite_steps = 0
     config.sharding = sharding_config()
     return config
 

@@ -10,6 +10,12 @@ the type of that key (tuples as `--config.model.timesteps="(5, 50)"`, booleans a
 Several processes (hosts): set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID on each, or pass --distributed on a cluster JAX detects itself (SLURM, Cloud TPU
 VMs, Open MPI); see launch/.
+
+Before anything is written: the config's values are checked (`config_lib.validate_config`, and the
+mesh against the devices), then the workdir is locked (`lock.py`: one writer per workdir; process 0
+holds it). Exit codes: 0 done, 1 a system failure while saving (one line), 2 bad input or a locked
+workdir, 3 diverged (non-finite loss), 75 preempted (checkpoint saved; run again), 130 Ctrl-C
+(`dmfuse_jax.errors`).
 """
 from __future__ import annotations
 
@@ -103,18 +109,63 @@ def prepare_workdir(config, workdir: str) -> None:
         write_config(workdir, config)
 
 
+def check_devices(config) -> None:
+    """The mesh shape against this run's devices, and the global batch against the mesh (UserError)."""
+    from dmfuse_jax.training import sharding as shd
+
+    mesh = shd.make_mesh(tuple(config.sharding.mesh_shape)) if "sharding" in config else shd.make_mesh()
+    shd.check_batch(int(config.batch_size), mesh)
+
+
+def lock_workdir(workdir: str):
+    """The workdir's lock (`lock.WorkdirLock`), taken by process 0; every process learns whether it
+    was taken, so a refused run stops everywhere (UserError). -> the lock (None on other processes)."""
+    import jax
+
+    from dmfuse_jax.training.lock import WorkdirLock
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+            raise error or UserError(f"{workdir}: process 0 could not lock the workdir (see its output)")
+    elif error is not None:
+        raise error
+    return lock
+
+
 def train(config, workdir: str) -> dict:
-    """Library entry point: trains `config` in `workdir` (resumes if it has checkpoints)."""
+    """Library entry point: trains `config` in `workdir` (resumes if it has checkpoints).
+    Checks the config and the devices, then locks the workdir, before anything is written."""
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise UserError(f"training config lacks the keys {missing}")
+    from dmfuse_jax.config_lib import validate_config
     from dmfuse_jax.data.images import check_output_path
     from dmfuse_jax.training.trainer import fit
 
+    validate_config(config)
+    check_devices(config)
     check_output_path(workdir, "workdir", folder=True)
     stage = build_stage(config)
-    prepare_workdir(config, workdir)
-    return fit(config, workdir, stage)
+    lock = lock_workdir(workdir)
+    try:
+        prepare_workdir(config, workdir)
+        return fit(config, workdir, stage)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
+    """The CLI's warnings: one line each (the category and the message, no source line)."""
+    return f"{category.__name__}: {message}\n"
 
 
 def run(args) -> int:
@@ -131,8 +182,19 @@ def run(args) -> int:
     cache = enable_persistent_cache(getattr(args, "compilation_cache", None))
     logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
     initialize_distributed(args.distributed)
-    train(config, args.workdir)
-    return 0
+    import warnings
+
+    from dmfuse_jax.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, CommandFailed
+
+    warnings.formatwarning = _one_line_warnings
+    try:
+        summary = train(config, args.workdir)
+    except CommandFailed as e:
+        print(f"dmfuse train: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if summary["preempted"] == "SIGINT":
+        return EXIT_INTERRUPTED
+    return EXIT_PREEMPTED if summary["preempted"] else 0
 
 
 def main(argv=None) -> int:

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from dmfuse_jax import compilation
 from dmfuse_jax.data.pipeline import place_batch, train_dataset, train_iterator
-from dmfuse_jax.errors import UserError
+from dmfuse_jax.errors import TrainingDiverged, UserError
 from dmfuse_jax.training import sharding as shd
 from dmfuse_jax.training.state import TrainState, apply_gradients, initial_state, make_optimizer
 
@@ -34,7 +35,10 @@ HANG_ENV = "DMFUSE_DEBUG_HANG_AFTER_STEP"
 def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
     """train_step(state, batch) -> (state, metrics): pure; jit it once with shardings.
     A batch with 'skipped' (B,) (unreadable files passed over per example) adds its global sum as
-    metrics['skipped_files']: summed on the devices, so it counts every worker and process."""
+    metrics['skipped_files']: summed on the devices, so it counts every worker and process.
+    A step whose loss or gradient norm is not finite is not applied: params, optimizer state and EMA
+    stay as they were (the step counter and RNG advance), and metrics['nonfinite'] is 1; the host
+    decides whether to stop (`fit`, config.max_nonfinite_steps). So no non-finite state exists."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, key = jax.random.split(state.rng)
@@ -43,8 +47,12 @@ def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
             return stage.loss(params, state.frozen, batch, key)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = apply_gradients(state, grads, tx, ema_decay, rng)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        kept = state.replace(step=new_state.step, rng=new_state.rng)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "nonfinite": (~finite).astype(jnp.int32)}
         if "skipped" in batch:
             metrics["skipped_files"] = batch["skipped"].sum()
         return new_state, metrics
@@ -139,7 +147,7 @@ class Trainer:
         for k, v in scalars.items():
             w.add_scalar(k, v, step)
         w.flush()
-        with open(self.workdir / "metrics.jsonl", "a") as f:
+        with open(self.workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def close(self) -> None:
@@ -157,8 +165,71 @@ def total_steps_of(config, num_examples: int) -> int:
     return max(1, math.ceil(epochs * num_examples / int(config.batch_size)))
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def trim_metrics(workdir: Path, step: int) -> int:
+    """Keeps metrics.jsonl one line per logged step across resumes: drops the rows past `step` (the
+    restored checkpoint; those steps run again) and torn lines, atomically. -> rows dropped."""
+    from dmfuse_jax.data.images import write_text_atomic
+
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+class FiniteGuard:
+    """The host side of the divergence guard: reads the per-step 'nonfinite' flags (at log and save
+    points only: no extra host sync in the loop) and stops the run (TrainingDiverged, exit 3) once
+    more than `max_skipped` steps were not finite; until then each one is reported and skipped."""
+
+    def __init__(self, max_skipped: int, chief: bool):
+        self.max_skipped, self.chief = int(max_skipped), chief
+        self.unchecked: list[tuple[int, dict]] = []
+        self.skipped: list[int] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.unchecked.append((step, metrics))
+
+    def check(self, last_checkpoint) -> None:
+        if not self.unchecked:
+            return
+        got = jax.device_get([(m["nonfinite"], m["loss"], m["grad_norm"]) for _, m in self.unchecked])
+        steps = [s for s, _ in self.unchecked]
+        self.unchecked = []
+        for step, (bad, loss, gnorm) in zip(steps, got):
+            if not int(bad):
+                continue
+            self.skipped.append(step)
+            what = f"step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(gnorm)})"
+            if len(self.skipped) > self.max_skipped:
+                last = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+                raise TrainingDiverged(
+                    f"{what}; the run stopped and saved nothing of it (last checkpoint: {last}, finite). "
+                    "Lower optimizer.learning_rate (or raise optimizer.warmup_steps / set optimizer.grad_clip), "
+                    f"or allow skipping such steps with --config.max_nonfinite_steps=N"
+                    + (f" (skipped so far: {len(self.skipped) - 1})" if self.max_skipped else ""))
+            if self.chief:
+                print(f"{what}: update skipped ({len(self.skipped)} of max_nonfinite_steps="
+                      f"{self.max_skipped})", flush=True)
+
+
 def fit(config, workdir: str | os.PathLike, stage) -> dict:
-    """Trains `stage` in `workdir` (resuming from its latest valid checkpoint). Returns a summary."""
+    """Trains `stage` in `workdir` (resuming from its latest valid checkpoint). Returns a summary.
+    Raises TrainingDiverged (a non-finite step beyond config.max_nonfinite_steps; nothing of it is
+    saved) and SaveFailed (disk full, quota, permission while saving)."""
     from tqdm import tqdm
 
     from dmfuse_jax.training.checkpoint import Checkpointer, PreemptionWatch
@@ -190,6 +261,8 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
         state, start = restored
         if chief:
             print(f"resumed from {ckpt.directory / str(start)}", flush=True)
+    if chief:
+        trim_metrics(workdir, start)
 
     t0 = time.perf_counter()
     train_step = trainer.compile()
@@ -199,6 +272,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     log_every = max(1, int(config.get("log_every_steps", 50)))
     preview_every = int(config.get("preview_every_steps", 0))
     hang_after = int(os.environ.get(HANG_ENV, "-1"))
+    guard = FiniteGuard(int(config.get("max_nonfinite_steps", 0)), chief)
     pending: list[dict] = []
     skipped_files = 0  # unreadable files passed over in the batches of this run (since its start)
     summary = {"start_step": start, "end_step": start, "preempted": None}
@@ -213,8 +287,10 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                 state, metrics = train_step(state, batch)
                 step += 1
                 pending.append(metrics)
+                guard.add(step, metrics)
                 bar.update(1)
                 if step % log_every == 0 or step == total:
+                    guard.check(ckpt.latest_step())
                     # The only host sync of the loop: metrics of the last `log_every` steps.
                     got = jax.device_get(pending)
                     pending = []
@@ -231,21 +307,30 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
                 if preview_every > 0 and (step % preview_every == 0 or step == total):
                     stage.preview(trainer, state, step)
+                stop = watch.requested(step, ckpt)
+                if ckpt.due(step) or stop or step == total:
+                    guard.check(ckpt.latest_step())  # never save a step the guard has not passed
                 ckpt.save(step, state, data_iter)
                 if step == hang_after:
                     ckpt.wait()
                     print(f"HANG at step {step}", flush=True)
                     while not watch.requested(step, ckpt):
                         time.sleep(0.05)
-                if watch.requested(step, ckpt):
+                    stop = True
+                if stop:
                     summary["preempted"] = watch.signal_name
                     break
+            guard.check(ckpt.latest_step())
             ckpt.save(step, state, data_iter, force=True)
             ckpt.close()
+        except BaseException:
+            ckpt.abandon()  # let committed saves finish; start no new one
+            raise
         finally:
             bar.close()
             trainer.close()
     summary["end_step"] = step
+    summary["nonfinite_steps"] = guard.skipped
     if chief:
         if summary["preempted"]:
             print(f"stopped by {summary['preempted']} at step {step}; checkpoint saved in {ckpt.directory}; "

@@ -1,15 +1,19 @@
 """Exact resume after SIGKILL / SIGTERM, corrupt-checkpoint fallback, restores that must fail loudly,
-load_params / load_workdir_config.
+load_params / load_workdir_config, one writer per workdir, the divergence guard.
 
 Tiny stage-1 runs (6 steps, checkpoints every 2) in subprocesses, sharing one XLA compilation cache:
   reference: uninterrupted
-  kill:      hangs after step 4 (its checkpoint committed), SIGKILL, restarted
-  term:      hangs after step 3 (no checkpoint due), SIGTERM -> saves step 3 and exits, restarted
+  kill:      hangs after step 4 (its checkpoint committed); a second `dmfuse train` on its workdir is
+             refused (exit 2, naming it); SIGKILL; restarted (takes over the dead run's lock)
+  term:      hangs after step 3 (no checkpoint due), SIGTERM -> saves step 3, exits 75; restarted
   corrupt:   a copy of the reference with checkpoint 6 damaged, restarted -> sets 6 aside, resumes from 4
   config:    a copy of the reference restarted with another model config -> exit 2, nothing moved
+  diverge:   learning rate 1e30: the loss turns non-finite at step 3 -> exit 3, only finite checkpoints
+  skip:      the same with max_nonfinite_steps=10: each such step is skipped, the run ends (exit 0)
 Each restarted run must end with params (and EMA params) equal to the reference's. The fusion stage
 (4 steps) is killed after its checkpoint 2 and resumed the same way. Restores of damaged copies
-(truncated / missing files), of another config and through a failing reader run in-process.
+(truncated / missing files, one flipped byte), of another config and through a failing reader run
+in-process.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 import pytest
 
 import helpers as T
+from dmfuse_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
 TIMEOUT = 240
 
@@ -64,6 +69,10 @@ def corrupt_checkpoint(step_dir: Path) -> None:
         p.write_bytes(b"\x00garbage" * (max(1, p.stat().st_size) // 8 + 1))
 
 
+# Adam moves every weight by about the learning rate: 5e29 after warmup step 2, so step 3 overflows.
+BLOW_UP = "optimizer.learning_rate=1e30"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
@@ -76,6 +85,8 @@ def runs(tmp_path_factory):
     p_kill = T.start_training("pretrain", kill, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "4"})
     p_term = T.start_training("pretrain", term, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "3"})
     wait_for(p_kill, kill, "HANG at step 4")
+    second = T.start_training("pretrain", kill, env=env, log=root / "second.log")  # same workdir, at once
+    rc_second = finish(second, kill)
     p_kill.send_signal(signal.SIGKILL)
     wait_for(p_term, term, "HANG at step 3")
     p_term.send_signal(signal.SIGTERM)
@@ -92,9 +103,14 @@ def runs(tmp_path_factory):
     shutil.copytree(ref, changed)
     procs = {name: T.start_training("pretrain", root / name, env=env) for name in ("kill", "term", "corrupt")}
     procs["config"] = T.start_training("pretrain", changed, ["model.unet.dropout=0.2"], env=env)
+    procs["diverge"] = T.start_training("pretrain", root / "diverge", [BLOW_UP], env=env)
     rcs = {name: finish(p, root / name) for name, p in procs.items()}
+    # After 'diverge': the same program (the skip budget is read on the host), so no new compilation.
+    rcs["skip"] = finish(T.start_training("pretrain", root / "skip", [BLOW_UP, "max_nonfinite_steps=10"], env=env),
+                         root / "skip")
     return dict(root=root, rc_kill=rc_kill, rc_term=rc_term, rcs=rcs, after_interrupt=after_interrupt,
-                corrupt_copy=corrupt_copy)
+                corrupt_copy=corrupt_copy, rc_second=rc_second, second_log=(root / "second.log").read_text(),
+                kill_pid=p_kill.pid)
 
 
 def step_dirs(workdir: Path) -> list[str]:
@@ -108,6 +124,8 @@ def test_sigkill_after_checkpoint_resumes_exactly(runs):
     assert runs["after_interrupt"]["kill"] == [2, 4], "the killed run should have left checkpoints 2 and 4"
     assert runs["rcs"]["kill"] == 0, T.read_log(root / "kill")[-3000:]
     assert "resumed from" in T.read_log(root / "kill") and "/checkpoints/4" in T.read_log(root / "kill")
+    assert f"StaleLockWarning: {root / 'kill' / 'train.lock'}: taking over the lock left by pid {runs['kill_pid']}" \
+        in T.read_log(root / "kill"), T.read_log(root / "kill")[-3000:]
     for ema in (False, True):
         assert_trees_equal(load_params(root / "kill", ema=ema), load_params(root / "reference", ema=ema),
                            f"killed+resumed vs uninterrupted (ema={ema})")
@@ -116,7 +134,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(runs):
 def test_sigterm_saves_and_resumes_exactly(runs):
     from dmfuse_jax.training.checkpoint import load_params
     root = runs["root"]
-    assert runs["rc_term"] == 0, runs["after_interrupt"]["term_log"][-3000:]
+    assert runs["rc_term"] == EXIT_PREEMPTED, runs["after_interrupt"]["term_log"][-3000:]
     assert "stopped by SIGTERM at step 3" in runs["after_interrupt"]["term_log"]
     assert runs["after_interrupt"]["term"] == [2, 3], "SIGTERM at step 3 should save checkpoint 3"
     assert runs["rcs"]["term"] == 0
@@ -126,9 +144,6 @@ def test_sigterm_saves_and_resumes_exactly(runs):
                            f"SIGTERM+resumed vs uninterrupted (ema={ema})")
 
 
-# orbax's failed restore of the damaged step leaves a tensorstore callback that fires on its closed
-# asyncio loop ("Event loop is closed", ignored by Python): third-party noise, not a dmfuse failure.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_newest_checkpoint_falls_back(runs):
     from dmfuse_jax.training.checkpoint import CorruptCheckpointWarning, load_params
     root = runs["root"]
@@ -142,6 +157,47 @@ def test_corrupt_newest_checkpoint_falls_back(runs):
     assert "failed its integrity check" in log and "resumed from" in log and "/checkpoints/4" in log, log[-3000:]
     assert (root / "corrupt" / "corrupt_checkpoints" / "6").is_dir()
     assert_trees_equal(load_params(root / "corrupt"), load_params(root / "reference"), "resumed after corruption")
+    # Step 6 ran twice (before the damage, and after resuming from 4): metrics.jsonl still has one line.
+    assert logged_steps(root / "corrupt") == logged_steps(root / "reference") == [2, 4, 6]
+    assert logged_steps(root / "kill") == [2, 4, 6]
+
+
+def logged_steps(workdir: Path) -> list[int]:
+    import json
+    return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_the_first_ones_checkpoints_are_sound(runs):
+    from dmfuse_jax.training.checkpoint import load_params
+    root, log = runs["root"], runs["second_log"]
+    assert runs["rc_second"] == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{root / 'kill'}: another dmfuse train is writing this workdir (pid " \
+        f"{runs['kill_pid']} on host" in errors[0], log[-3000:]
+    assert "compiled" not in log, "the second run got past the lock"
+    for step in (2, 4, 6):  # every checkpoint of the (killed, resumed) first run restores and verifies
+        load_params(root / "kill", step=step)
+
+
+def test_a_learning_rate_that_blows_up_stops_with_exit_3_and_no_nonfinite_checkpoint(runs):
+    import jax
+
+    from dmfuse_jax.training.checkpoint import load_params
+    root = runs["root"]
+    log = T.read_log(root / "diverge")
+    assert runs["rcs"]["diverge"] == EXIT_DIVERGED, log[-3000:]
+    [line] = [line for line in log.splitlines() if line.startswith("dmfuse train: error:")]
+    assert "step 3: non-finite loss" in line and "last checkpoint: step 2, finite" in line, line
+    assert step_dirs(root / "diverge") == ["2"], "a checkpoint was saved after the loss turned non-finite"
+    skip = T.read_log(root / "skip")
+    assert runs["rcs"]["skip"] == 0, skip[-3000:]
+    assert "step 3: non-finite loss" in skip and "update skipped (1 of max_nonfinite_steps=10)" in skip, skip[-3000:]
+    assert step_dirs(root / "skip") == ["2", "4", "6"]
+    for workdir, steps in ((root / "diverge", [2]), (root / "skip", [2, 4, 6])):
+        for step in steps:
+            for ema in (False, True):
+                for x in jax.tree_util.tree_leaves(load_params(workdir, ema=ema, step=step)):
+                    assert np.all(np.isfinite(x)), f"{workdir} step {step} holds a non-finite array"
 
 
 def test_load_workdir_config_and_errors(runs, tmp_path):
@@ -209,22 +265,31 @@ def delete_weights_files(step_dir: Path) -> None:
         f.unlink()
 
 
+def flip_one_byte(step_dir: Path) -> None:
+    """One byte of the largest 'weights' data file (compressed chunks that still decode)."""
+    f = max(data_files(step_dir, "weights"), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
 def wrong_checksums(step_dir: Path) -> None:
     """Readable files whose arrays do not match the recorded sums: step 2's 'integrity' item."""
     shutil.rmtree(step_dir / "integrity")
     shutil.copytree(step_dir.parent / "2" / "integrity", step_dir / "integrity")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [truncate_train_files, delete_weights_files, wrong_checksums],
-                         ids=["truncated", "missing", "checksum"])
-def test_damaged_newest_checkpoint_is_set_aside_never_deleted(runs, tmp_path, damage):
+@pytest.mark.parametrize("damage", [truncate_train_files, delete_weights_files, wrong_checksums, flip_one_byte],
+                         ids=["truncated", "missing", "checksum", "one_byte"])
+def test_damaged_newest_checkpoint_is_set_aside_never_deleted(runs, tmp_path, damage, capfd):
     from dmfuse_jax.training.checkpoint import CorruptCheckpointWarning
     wd = tmp_path / "wd"
     shutil.copytree(runs["root"] / "reference", wd)
     damage(wd / "checkpoints" / "6")
-    with pytest.warns(CorruptCheckpointWarning, match="checkpoints/6 failed its integrity check"):
+    match = "fails its content checksum" if damage in (wrong_checksums, flip_one_byte) else "failed its integrity"
+    with pytest.warns(CorruptCheckpointWarning, match=f"checkpoints/6 failed its integrity check.*{match}"):
         (state, step), it = restore(wd)
+    assert "Event loop is closed" not in capfd.readouterr().err, "orbax's closed-loop tracebacks are back"
     assert step == 4 and int(state.step) == 4 and it.get_state() == {"next_index": 4}
     assert step_dirs(wd) == ["2", "4"]
     assert (wd / "corrupt_checkpoints" / "6" / "weights").is_dir(), "the damaged checkpoint was not kept"
@@ -284,18 +349,22 @@ def test_fusion_sigkill_after_checkpoint_resumes_exactly(fusion_runs):
     assert_trees_equal(load_params(root / "kill"), load_params(root / "reference"), "fusion killed+resumed")
 
 
-def test_checksums_compile_once_per_layout_and_stay_on_device():
-    import jax
-    import jax.numpy as jnp
+def test_checkpoints_written_before_content_checksums_are_refused_not_trusted(runs, tmp_path):
+    """A checkpoint whose meta names no content checksum (the sum |x| format) is a UserError, not damage:
+    nothing is set aside and nothing is trained from unverified arrays."""
+    import json
 
-    from dmfuse_jax.training import checkpoint as ck
-    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": -jnp.ones(4, jnp.int32)}}
-    before = ck._abs_sums()._cache_size()
-    for scale in (1.0, 2.0, 3.0):  # three saves of the same layout
-        sums = ck.array_checksums(jax.tree.map(lambda x: x * scale, tree))
-        assert isinstance(sums, jax.Array)  # a device array: saved as is, no host sync
-    assert ck._abs_sums()._cache_size() - before == 1, "the checksum function was compiled more than once"
-    np.testing.assert_allclose(np.asarray(sums), [45.0, 12.0])
-    ck.compare_checksums(ck.leaf_names(tree), [15.0, 4.0], np.asarray(ck.array_checksums(tree)), "x")
-    with pytest.raises(ck.IntegrityError, match=r"checksum mismatch for \['b'\]\['c'\]"):
-        ck.compare_checksums(ck.leaf_names(tree), [15.0, 5.0], np.asarray(ck.array_checksums(tree)), "x")
+    from dmfuse_jax.errors import UserError
+    from dmfuse_jax.training.checkpoint import load_params
+    wd = tmp_path / "wd"
+    shutil.copytree(runs["root"] / "reference", wd)
+    for step in ("2", "4", "6"):
+        meta_file = wd / "checkpoints" / step / "meta" / "metadata"  # orbax's JSON item
+        meta = json.loads(meta_file.read_text())
+        del meta["checksum"]
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="without content checksums"):
+        load_params(wd)
+    with pytest.raises(UserError, match="without content checksums"):
+        restore(wd)
+    assert step_dirs(wd) == ["2", "4", "6"] and not (wd / "corrupt_checkpoints").exists()

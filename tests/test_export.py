@@ -80,7 +80,7 @@ def test_standalone_loader_imports_only_jax_and_numpy():
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "json", "os", "jax", "numpy"}, roots
+    assert roots <= {"__future__", "hashlib", "json", "os", "sys", "zipfile", "jax", "numpy"}, roots
 
 
 def test_bfloat16_export_stores_half_size_params_and_refuses_to_overwrite(exported, tmp_path, capsys):
@@ -104,3 +104,35 @@ def test_bfloat16_export_stores_half_size_params_and_refuses_to_overwrite(export
     assert json.loads((out / bundle_lib.MARKER).read_text())["param_dtype"] == "float16"
     assert not (out / "export").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bf16"], "temporary folders left behind"
+
+
+def test_one_flipped_byte_in_the_export_is_one_line_naming_the_file_and_the_array(exported, tmp_path):
+    """params.npz (a byte inside one array's data), then fuse.jaxexport: the loader raises ExportError
+    naming the file (and the array); run as a script it prints that one line and exits 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = exported / export_lib.EXPORT_DIR
+    loader_path = src / export_lib.LOADER
+    loader = _import_loader(loader_path)
+    assert loader.main([str(src)]) == 0
+    with np.load(src / export_lib.PARAMS) as z:
+        target = z["p0005"]
+    for name in (export_lib.PARAMS, export_lib.ARTEFACT):
+        bad = tmp_path / name.replace(".", "_")
+        shutil.copytree(src, bad)
+        data = bytearray((bad / name).read_bytes())
+        offset = data.find(target.tobytes()) + 3 if name == export_lib.PARAMS else len(data) // 2
+        assert offset > 3
+        data[offset] ^= 0x01
+        (bad / name).write_bytes(bytes(data))
+        expect = r"params\.npz: array p0005 (is damaged|fails its sha256)" if name == export_lib.PARAMS else \
+            r"fuse\.jaxexport: fails its sha256 check"
+        with pytest.raises(loader.ExportError, match=expect):
+            loader.load(bad)
+        if name == export_lib.PARAMS:  # the script, in a process of its own (a raw BadZipFile before)
+            got = subprocess.run([sys.executable, str(loader_path), str(bad)], capture_output=True, text=True,
+                                 timeout=120)
+            assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+            assert len(got.stderr.strip().splitlines()) == 1 and str(bad / name) in got.stderr, got.stderr

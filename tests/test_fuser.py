@@ -89,7 +89,7 @@ def test_sixteen_bit_array_is_min_max_stretched(fuser):
     np.testing.assert_allclose(fuser(raw, vi), fuser(stretched.astype(np.float32), vi), atol=1e-6)
 
 
-def test_bad_arrays_are_named_errors_and_rgba_drops_alpha(fuser):
+def test_bad_arrays_are_named_errors_and_rgba_is_composited_on_black(fuser):
     ir, vi = _tno_crop()
     with pytest.raises(FuseInputError, match=r"ir: unsupported image shape \(56, 56, 2\)"):
         fuser(np.zeros((56, 56, 2), np.uint8), vi)
@@ -98,7 +98,9 @@ def test_bad_arrays_are_named_errors_and_rgba_drops_alpha(fuser):
     with pytest.raises(FuseInputError, match="differs from vis"):
         fuser(ir[:40], vi)
     rgba = np.concatenate([np.repeat(vi, 3, -1), np.full(vi.shape, 0.5, np.float32)], -1)
-    np.testing.assert_array_equal(fuser(ir, rgba), fuser(ir, vi))
+    np.testing.assert_array_equal(fuser(ir, rgba), fuser(ir, vi * 0.5))  # colour x alpha: on black
+    opaque = np.concatenate([np.repeat(vi, 3, -1), np.ones(vi.shape, np.float32)], -1)
+    np.testing.assert_array_equal(fuser(ir, opaque), fuser(ir, vi))
     out = fuser(ir[:40], vi, resize=True)
     assert out.shape == vi.shape[:2]
 

@@ -243,7 +243,7 @@ def test_disk_full_during_a_save_is_one_line(tmp_path):
         raise OSError(28, "No space left on device", str(tmp_path / "w" / "checkpoints" / "2"))
 
     ckpt.manager.save = full
-    with pytest.raises(SaveFailed, match=r"saving checkpoint 2 in .* failed: no space left on the device "
+    with pytest.raises(SaveFailed, match=r"saving checkpoints in .* failed at step 2: no space left on the device "
                                          r"\(.*checkpoints/2\); the checkpoints committed before it are intact "
                                          r"\(latest: none\)") as e:
         ckpt.save(2, state=_FakeState(), data_iter=None)

@@ -209,6 +209,32 @@ def system_failure(error: BaseException) -> str | None:
     return None
 
 
+class _ReportedSystemFailures(logging.Filter):
+    """Drops the ERROR records orbax's background save threads (absl) and asyncio's 'Task exception
+    was never retrieved' print for a system failure (disk full, quota, permission, I/O): about 60
+    tracebacks for one full disk, while the run reports that failure itself as one line (SaveFailed).
+    Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and system_failure(error) is not None:
+            return False
+        return _SYSTEM_TEXT.search(record.getMessage()) is None
+
+
+_REPORTED = _ReportedSystemFailures()
+
+
+def quiet_reported_system_failures() -> None:
+    """Installs `_ReportedSystemFailures` on the absl and asyncio loggers (once)."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _REPORTED not in logger.filters:
+            logger.addFilter(_REPORTED)
+
+
 def is_damage(error: BaseException) -> bool:
     """Whether a read error (or one it was raised from) says the files are missing or damaged."""
     seen = set()
@@ -363,6 +389,7 @@ class Checkpointer:
         self.stage = stage
         self.config = config
         self.every = max(1, int(every))
+        quiet_reported_system_failures()  # a failed save is reported once, as SaveFailed
         self.manager = _manager(self.directory, every=every, keep=keep, async_save=async_save)
 
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
@@ -393,7 +420,7 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - only for the message
                 latest = None
             raise SaveFailed(
-                f"saving checkpoint{'' if step is None else f' {step}'} in {self.directory} failed: {reason}; "
+                f"saving checkpoints in {self.directory} failed{'' if step is None else f' at step {step}'}: {reason}; "
                 f"the checkpoints committed before it are intact (latest: "
                 f"{'none' if latest is None else f'step {latest}'}); fix that and run the same command to "
                 "resume") from None

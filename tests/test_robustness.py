@@ -305,6 +305,7 @@ def test_content_hash_catches_any_one_byte_flip_same_on_host_and_device():
     before = ck._hashes_fn()._cache_size()
     on_device = [np.asarray(ck.array_hashes(jax.tree.map(jnp.asarray, host))) for _ in range(3)]
     assert ck._hashes_fn()._cache_size() - before == 1, "compiled more than once for one layout"
+    assert on_device[0].shape == (len(host),) and on_device[0].dtype == np.uint32
     np.testing.assert_array_equal(on_device[0], ck.host_hashes(host))
     names = ck.leaf_names(host)
     ck.compare_hashes(names, ck.host_hashes(host), on_device[0], "x")

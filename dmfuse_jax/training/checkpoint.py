@@ -4,7 +4,7 @@ A workdir holds:
   config.json            the full config, written atomically when the run starts
   checkpoints/<step>/    orbax items: 'weights' (params, frozen params, EMA), 'train' (step,
                          optimizer state, RNG), 'data' (the grain iterator, one JSON per process),
-                         'integrity' (a 64-bit content hash of every array of 'weights' and 'train',
+                         'integrity' (a 32-bit content hash of every array of 'weights' and 'train',
                          computed on device; see CHECKSUM), 'meta' (stage, step, the model/optimizer
                          config, the checksum's name and array names)
 Saves are asynchronous, every `checkpoint_every_steps`, keeping the last `keep_checkpoints`, plus one
@@ -89,19 +89,19 @@ def load_workdir_config(workdir: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # content checksums
 #
-# Per array, two 32-bit weighted sums of its bit pattern (as unsigned words), modulo 2**32:
-#   h1 = sum (2 i + 1) w_i,   h2 = sum (w_i xor (w_i >> 15)) (GOLDEN i | 1)
-# over the words w_i in C order. Every weight is odd, so odd mod 2**32 is invertible: ANY change of one
-# word (a flipped bit or byte) changes h1 for certain; other damage goes unseen with odds ~2**-64.
-# Integer sums are exact, so the result does not depend on the sharding or device count, and they
-# are computed on the devices where the arrays live: no host copy, no sync at save time.
-CHECKSUM = "wsum32x2"
-_GOLDEN = 0x9E3779B1
+# Per array, a 32-bit weighted sum of its bit pattern (as unsigned words), modulo 2**32:
+#   h = sum (2 i + 1) w_i
+# over the words w_i in C order. Every weight is odd, and odd numbers are invertible mod 2**32, so ANY
+# change of one word (a flipped bit or byte) changes h for certain; other damage goes unseen with odds
+# of about 2**-32 per array (as for crc32c). Integer sums are exact, so the value does not depend on
+# the sharding or device count, and it is computed on the devices where the arrays live: no host
+# copy, no sync at save time.
+CHECKSUM = "wsum32"
 
 
 @functools.cache
 def _hashes_fn():
-    """One jitted function for every save and restore (jit caches per tree layout): (N, 2) uint32,
+    """One jitted function for every save and restore (jit caches per tree layout): (N,) uint32,
     the content hashes of the leaves in `tree_leaves` order. Dispatched asynchronously."""
     import jax
     import jax.numpy as jnp
@@ -127,21 +127,19 @@ def _hashes_fn():
         for d in reversed(range(w.ndim)):  # the C-order position of each word, sharding-friendly
             idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
             stride *= w.shape[d]
-        h1 = jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
-        h2 = jnp.sum((w ^ (w >> 15)) * ((idx * jnp.uint32(_GOLDEN)) | 1), dtype=jnp.uint32)
-        return jnp.stack([h1, h2])
+        return jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
 
     def hashes(tree):
         leaves = jax.tree_util.tree_leaves(tree)
         if not leaves:
-            return jnp.zeros((0, 2), jnp.uint32)
+            return jnp.zeros((0,), jnp.uint32)
         return jnp.stack([one(x) for x in leaves])
 
     return compilation.jit(hashes)
 
 
 def array_hashes(tree):
-    """(N, 2) uint32 device array: the content hashes of every leaf of `tree` (sharded or not)."""
+    """(N,) uint32 device array: the content hashes of every leaf of `tree` (sharded or not)."""
     return _hashes_fn()(tree)
 
 
@@ -155,13 +153,10 @@ def host_hashes(tree) -> np.ndarray:
         if x.dtype == np.bool_:
             x = x.astype(np.uint8)
         w = x.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize])
-        w = w.astype(np.uint32)
-        idx = np.arange(w.size, dtype=np.uint32)
         with np.errstate(over="ignore"):
-            h1 = np.sum(w * (2 * idx + 1), dtype=np.uint32)
-            h2 = np.sum((w ^ (w >> 15)) * ((idx * np.uint32(_GOLDEN)) | 1), dtype=np.uint32)
-        out.append((h1, h2))
-    return np.asarray(out, np.uint32).reshape(-1, 2)
+            weights = 2 * np.arange(w.size, dtype=np.uint32) + 1
+            out.append(np.dot(w.astype(np.uint32), weights) if w.size else np.uint32(0))
+    return np.asarray(out, np.uint32).reshape(-1)
 
 
 def leaf_names(tree) -> list[str]:

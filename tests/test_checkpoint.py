@@ -193,7 +193,7 @@ def test_a_learning_rate_that_blows_up_stops_with_exit_3_and_no_nonfinite_checkp
     assert runs["rcs"]["skip"] == 0, skip[-3000:]
     assert "step 3: non-finite loss" in skip and "update skipped (1 of max_nonfinite_steps=10)" in skip, skip[-3000:]
     assert step_dirs(root / "skip") == ["2", "4", "6"]
-    for workdir, steps in ((root / "diverge", [2]), (root / "skip", [2, 4, 6])):
+    for workdir, steps in ((root / "diverge", [2]), (root / "skip", [6])):  # skip: 6 holds 3-6's (skipped) updates
         for step in steps:
             for ema in (False, True):
                 for x in jax.tree_util.tree_leaves(load_params(workdir, ema=ema, step=step)):
@@ -286,8 +286,8 @@ def test_damaged_newest_checkpoint_is_set_aside_never_deleted(runs, tmp_path, da
     wd = tmp_path / "wd"
     shutil.copytree(runs["root"] / "reference", wd)
     damage(wd / "checkpoints" / "6")
-    match = "fails its content checksum" if damage in (wrong_checksums, flip_one_byte) else "failed its integrity"
-    with pytest.warns(CorruptCheckpointWarning, match=f"checkpoints/6 failed its integrity check.*{match}"):
+    match = ".*fails its content checksum" if damage in (wrong_checksums, flip_one_byte) else ""
+    with pytest.warns(CorruptCheckpointWarning, match=f"checkpoints/6 failed its integrity check{match}"):
         (state, step), it = restore(wd)
     assert "Event loop is closed" not in capfd.readouterr().err, "orbax's closed-loop tracebacks are back"
     assert step == 4 and int(state.step) == 4 and it.get_state() == {"next_index": 4}

@@ -97,9 +97,9 @@ def test_size_mismatch_is_an_error_without_resize(tmp_path, bundle, capsys):
     _no_output(out)
 
 
-def test_channel_counts_alpha_is_dropped_two_channel_array_is_refused(tmp_path, capsys):
-    _img(tmp_path / "ir" / "a.png", (40, 48), mode="LA")      # grey + alpha: alpha dropped
-    _img(tmp_path / "vi" / "a.png", (40, 48), mode="RGBA")    # colour + alpha: alpha dropped
+def test_channel_counts_alpha_is_composited_two_channel_array_is_refused(tmp_path, capsys):
+    _img(tmp_path / "ir" / "a.png", (40, 48), mode="LA")      # grey + alpha: composited on black
+    _img(tmp_path / "vi" / "a.png", (40, 48), mode="RGBA")    # colour + alpha: composited on black
     out = tmp_path / "out"
     rc, err = _fuse(capsys, "--method", "max", "--ir", tmp_path / "ir", "--vis", tmp_path / "vi", "--out", out)
     assert rc == 0, err

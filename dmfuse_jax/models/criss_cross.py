@@ -64,42 +64,51 @@ def _lines_per_block(n_lines: int, bytes_per_line: int, block_bytes: int) -> int
     return -(-n_lines // n_blocks)
 
 
-def _part(q, k, v, mask_diagonal: bool, block_bytes: int):
+def _part(q, k, v, axis: int, block_bytes: int):
     """One direction of the criss-cross path, as softmax statistics, a block of lines at a time.
 
-    q, k: (B, L, N, Cq); v: (B, L, N, Cv): L independent lines of N positions each; every query
-    attends to the N keys of its own line (the diagonal masked when `mask_diagonal`). Returns
-    m (B, L, N) the max energy (-inf where every key is masked), s (B, L, N) = sum exp(e - m) and
-    acc (B, L, N, Cv) = sum exp(e - m) v, float32. Live energies: one block of lines, (B, l, N, N);
-    the block body is rematerialised in the backward pass, so gradients hold no (B, L, N, N) either.
+    q, k: (B, H, W, Cq); v: (B, H, W, Cv). axis 1: the lines are the rows (each query attends to
+    the W keys of its row); axis 2: the columns (the H keys of its column, the centre masked).
+    Returns m (B, H, W) the max energy (-inf where every key is masked), s (B, H, W) =
+    sum exp(e - m) and acc (B, H, W, Cv) = sum exp(e - m) v, float32. Blocks of lines are sliced
+    out of q, k, v in place (no transposed copies) and their statistics written into the outputs
+    under `lax.scan` (the last block is shifted back to end at the last line: it recomputes a few
+    lines instead of padding). Live energies: one block, (B, lines, N, N); the block body is
+    rematerialised in the backward pass, so gradients hold no (B, H, W, N) energies either.
     """
     f32 = jnp.float32
-    b, n_lines, n = q.shape[:3]
+    b, n_lines, n = q.shape[0], q.shape[axis], q.shape[3 - axis]
     per = _lines_per_block(n_lines, 4 * b * n * n, block_bytes)
     n_blocks = -(-n_lines // per)
-    pad = n_blocks * per - n_lines
-
-    def blocks(x):  # (B, L, N, C) -> (n_blocks, B, per, N, C); padded lines are dropped at the end
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
-        return jnp.moveaxis(x.reshape((b, n_blocks, per) + x.shape[2:]), 1, 0)
+    # einsum subscripts: l = line (of the block), n / m = query / key position along the line
+    lines = "blnc" if axis == 1 else "bnlc"
+    stat = "bln" if axis == 1 else "bnl"
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def one(args):
-        qi, ki, vi = args
-        e = jnp.einsum("blnc,blmc->blnm", qi, ki, preferred_element_type=f32)  # (B, per, N, N)
-        if mask_diagonal:
+    def block(qi, ki, vi):
+        e = jnp.einsum(f"{lines},{lines.replace('n', 'm')}->blnm", qi, ki, preferred_element_type=f32)
+        if axis == 2:  # the column part: the centre is counted in the row part
             e = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, e)
-        # Softmax is shift-invariant: the max needs no gradient. A line of one position has every
+        # Softmax is shift-invariant: the max needs no gradient. A column of one position has every
         # key masked: shift by 0 there (exp(-inf) = 0, so s = acc = 0 and the join ignores it).
         m = jax.lax.stop_gradient(jnp.max(e, -1))
         p = jnp.exp(e - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
-        acc = jnp.einsum("blnm,blmc->blnc", p.astype(vi.dtype), vi, preferred_element_type=f32)
-        return m, jnp.sum(p, -1), acc
+        acc = jnp.einsum(f"blnm,{lines.replace('n', 'm')}->{lines}", p.astype(vi.dtype), vi,
+                         preferred_element_type=f32)
+        return (jnp.einsum(f"bln->{stat}", m), jnp.einsum(f"bln->{stat}", jnp.sum(p, -1)), acc)
 
     if n_blocks == 1:
-        return one((q, k, v))
-    outs = jax.lax.map(one, (blocks(q), blocks(k), blocks(v)))
-    return tuple(jnp.moveaxis(o, 0, 1).reshape((b, n_blocks * per) + o.shape[3:])[:, :n_lines] for o in outs)
+        return block(q, k, v)
+
+    def step(outs, i):
+        start = jnp.minimum(i * per, n_lines - per)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, axis)
+        new = block(take(q), take(k), take(v))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, x, start, axis) for o, x in zip(outs, new)), None
+
+    init = (jnp.zeros(q.shape[:3], f32), jnp.zeros(q.shape[:3], f32), jnp.zeros(v.shape, f32))
+    outs, _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+    return outs
 
 
 def criss_cross_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = BLOCK_BYTES) -> jax.Array:
@@ -107,15 +116,13 @@ def criss_cross_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes:
     -> (B, H, W, Cv).
 
     The row part runs over blocks of rows, the column part (centre masked: the centre is counted
-    in the row) over blocks of columns, each under `lax.map` with at most about `block_bytes` of
+    in the row) over blocks of columns, each under `lax.scan` with at most about `block_bytes` of
     energies live; each part returns its softmax statistics (max, sum, weighted values) and the
     two are joined as in an online (flash-style) softmax. Memory is linear in H W (plus one
     block), in the backward pass too (block bodies are rematerialised).
     """
-    f32 = jnp.float32
-    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, W, H, C): columns as lines
-    m_c, s_c, acc_c = (jnp.swapaxes(x, 1, 2) for x in _part(qt, kt, vt, True, block_bytes))
-    m_r, s_r, acc_r = _part(q, k, v, False, block_bytes)
+    m_c, s_c, acc_c = _part(q, k, v, 2, block_bytes)
+    m_r, s_r, acc_r = _part(q, k, v, 1, block_bytes)
     m = jnp.maximum(m_r, m_c)  # finite: every row has its centre
     a_r = jnp.exp(m_r - m)
     a_c = jnp.exp(jnp.where(jnp.isfinite(m_c), m_c, 0.0) - m) * jnp.isfinite(m_c)

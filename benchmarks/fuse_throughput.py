@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction (default: table)")
-    p.add_argument("--caim-impl", choices=("auto", "reference", "pallas"), default=None,
+    p.add_argument("--caim-impl", choices=("auto", "reference", "blockwise", "pallas"), default=None,
                    help="force CAIM's criss-cross implementation (default: the config's, 'auto')")
     p.add_argument("--attention-impl", choices=("xla", "chunked", "cudnn"), default=None,
                    help="UNet self-attention backend (default: the config's)")

@@ -28,7 +28,7 @@ def head_config(caim_impl: str = "auto") -> ml_collections.ConfigDict:
     """The fusion head, as the released weights (32-channel reducers, R3 shared by levels 4 and 5)."""
     return ml_collections.ConfigDict(dict(
         features=32, decoder_features=64, qk_features=4, shared_last_reducer=True,
-        caim_impl=caim_impl,  # 'auto' | 'reference' | 'pallas'
+        caim_impl=caim_impl,  # 'auto' | 'reference' | 'blockwise' | 'pallas'
     ))
 
 

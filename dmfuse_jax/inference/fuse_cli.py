@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="workdir: use the EMA params")
     ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: use the raw params")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan of each shape bucket (batch, UNet passes, bytes needed and free, "
+                        "the largest square that fits) and exit without fusing")
     from dmfuse_jax.compilation import add_cache_argument
     add_cache_argument(p)
 
@@ -126,10 +129,32 @@ def _ddfm(args):
 MODEL_METHODS = {"ddfm": _ddfm}
 
 
+def memory_plan(fuser, plan, pairs, sizes, show: bool) -> bool:
+    """Plans every bucket's memory before any pair is fused (compiling the executables that will fuse);
+    prints the plans when `show` (--plan; True: stop there). A bucket that fits nowhere: UserError."""
+    if not hasattr(fuser, "memory_plan"):
+        if show:
+            raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
+        return False
+    for b, hb, wb in dict.fromkeys(shape for shape, _ in plan):
+        idx = [i for shape, ids in plan if shape == (b, hb, wb) for i in ids]
+        names = sorted({f"{sizes[i][1]}x{sizes[i][0]}" for i in idx})
+        what = f"{pairs[idx[0]][1]}" + (f" and {len(idx) - 1} more" if len(idx) > 1 else "") + \
+            f" ({', '.join(names)}, bucket {wb}x{hb})"
+        mp = fuser.memory_plan(b, hb, wb, ceiling=show)
+        if not mp.fits:
+            raise UserError(mp.line(what))
+        if show:
+            print(mp.line(what))
+    return show
+
+
 def run(args) -> int:
     from dmfuse_jax.data.images import read_image, write_image_atomic
     from dmfuse_jax.inference import colour
 
+    if args.plan and args.method is not None:
+        raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
     if args.prior is not None and args.method != "ddfm":
         raise UserError("--prior is a --method ddfm option")
     if args.batch_size < 1:
@@ -169,6 +194,8 @@ def run(args) -> int:
 
     plan = fuser.plan(sizes, args.batch_size)
     n_buckets = len({shape for shape, _ in plan})
+    if memory_plan(fuser, plan, pairs, sizes, args.plan):
+        return 0
 
     def load(idx):
         prepared = []

@@ -10,6 +10,13 @@ compiled once, ahead of time, and the executable is cached for the process (shar
 the same config). The diffusion noise comes from `seed`: every image of a call uses the key
 `PRNGKey(seed)` (the noise then depends only on the seed and the bucket shape, not on the batch it
 was fused in), so the same input and seed give the same output.
+
+Memory plan (`Fuser.memory_plan`, `memory.py`): before a bucket's first batch runs, its compiled
+executable's needs (`compiled.memory_analysis()`) are compared with what the device has free (host
+RAM on CPU, `memory_stats()` on GPU and TPU). The plan takes the first of: the six UNet passes
+batched at the requested batch; the passes in sequence; smaller batches; and the executable it
+compiled to decide is the one that fuses. When nothing fits, `UserError` (one line: size, bytes
+needed, bytes available, the largest square that would fit) before any image of that bucket runs.
 """
 from __future__ import annotations
 
@@ -41,21 +48,32 @@ def _portable(config):
     return config
 
 
-def fuse_function(model, input_range: str) -> Callable:
+def fuse_function(model, input_range: str, passes: str = "batched") -> Callable:
     """fn(params, ir, vi, seed) -> fused: ir, vi (B, H, W, 1) float32 in [0, 1], H and W multiples
     of the UNet stride; seed int32 scalar. Returns (B, H, W, 1) float32 in [0, 1].
 
     Each image runs as its own batch-1 model call under vmap with the same key, so its noise (and
-    result) does not depend on which other images share the batch.
+    result) does not depend on which other images share the batch. `passes`: 'batched' (the
+    model's own forward: the UNet on all timesteps x modalities at once) or 'sequential'
+    (`models.dmfuse.fuse_in_sequence`: one UNet pass at a time, less memory, the same result).
     """
     import jax
     import jax.numpy as jnp
 
     from dmfuse_jax.data.images import from_model_range, to_model_range
+    from dmfuse_jax.models.dmfuse import fuse_in_sequence
+
+    if passes not in ("batched", "sequential"):
+        raise ValueError(f"unknown passes {passes!r} (expected batched or sequential)")
+
+    def forward(params, ir, vi, key):
+        if passes == "sequential":
+            return fuse_in_sequence(model, params, ir, vi, key)
+        return model.apply({"params": params}, ir, vi, rngs={"noise": key})
 
     def one(params, ir, vi, key):
-        y = model.apply({"params": params}, to_model_range(ir[None], input_range),
-                        to_model_range(vi[None], input_range), rngs={"noise": key})
+        y = forward(params, to_model_range(ir[None], input_range),
+                    to_model_range(vi[None], input_range), key)
         return from_model_range(y[0].astype(jnp.float32), input_range)
 
     def fuse(params, ir, vi, seed):
@@ -69,15 +87,16 @@ def fuse_function(model, input_range: str) -> Callable:
 _EXECUTABLES: dict[tuple, Any] = {}
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted(key: str):
+@functools.lru_cache(maxsize=32)
+def _jitted(key: str, passes: str = "batched"):
     model, config = cached_model(key)
-    return compilation.jit(fuse_function(model, config.model.input_range))
+    return compilation.jit(fuse_function(model, config.model.input_range, passes))
 
 
 @dataclass
 class Pending:
-    """A dispatched batch: `result()` blocks and returns the cropped fused luminance images."""
+    """A dispatched batch: `result()` blocks and returns the cropped fused luminance images.
+    `_out`: one device array (B, H, W, 1), or a list of them (a batch the memory plan split)."""
 
     _out: Any
     _sizes: list
@@ -85,7 +104,8 @@ class Pending:
 
     def result(self) -> list[np.ndarray]:
         if self._host is None:
-            arr = np.asarray(self._out)
+            outs = self._out if isinstance(self._out, list) else [self._out]
+            arr = np.concatenate([np.asarray(o) for o in outs]) if len(outs) > 1 else np.asarray(outs[0])
             self._host = [arr[i, :h, :w] for i, (h, w) in enumerate(self._sizes)]
         return self._host
 
@@ -146,7 +166,9 @@ class Fuser(PairFusion):
     config: the model config; params: {'unet', 'head'} numpy tree; seed: diffusion noise seed;
     bucket: shape-bucket multiple and max_buckets: at most this many bucket shapes per call
     (see `buckets.py`; None: one per rounded shape); dtype: compute dtype override ('float32',
-    'bfloat16'); source: where the params came from (for messages).
+    'bfloat16'); source: where the params came from (for messages); passes: the UNet passes,
+    'auto' (the memory plan chooses, see `memory_plan`), 'batched' or 'sequential' (forced; the
+    plan still checks the memory and may shrink the batch).
     """
 
     config: Any = None
@@ -156,6 +178,7 @@ class Fuser(PairFusion):
     max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS
     dtype: str | None = None
     source: str = ""
+    passes: str = "auto"
 
     def __post_init__(self):
         import jax
@@ -167,6 +190,8 @@ class Fuser(PairFusion):
         model, _ = cached_model(self._key)
         self.stride = model.unet.total_stride
         buckets.check_multiple(self.bucket, self.stride)
+        if self.passes not in ("auto", "batched", "sequential"):
+            raise ValueError(f"passes {self.passes!r}: expected auto, batched or sequential")
         self._device_params = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params))
 
     def bucket_multiple(self) -> int:
@@ -175,21 +200,32 @@ class Fuser(PairFusion):
     def bucket_limit(self) -> int | None:
         return self.max_buckets or None
 
-    def _executable(self, b: int, hb: int, wb: int):
+    def _executable(self, b: int, hb: int, wb: int, passes: str = "batched"):
         import jax
         import jax.numpy as jnp
 
-        key = (self._key, b, hb, wb)
+        shape = (b, hb, wb) if passes == "batched" else (b, hb, wb, passes)
+        key = (self._key,) + shape
         exe = _EXECUTABLES.get(key)
         if exe is None:
             t = time.perf_counter()
             img = jax.ShapeDtypeStruct((b, hb, wb, 1), jnp.float32)
-            exe = _jitted(self._key).lower(self._device_params, img, img,
-                                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            exe = _jitted(self._key, passes).lower(self._device_params, img, img,
+                                                   jax.ShapeDtypeStruct((), jnp.int32)).compile()
             _EXECUTABLES[key] = exe
             self.stats["compile_s"] += time.perf_counter() - t
-            self.stats["compiled"].append((b, hb, wb))
+            self.stats["compiled"].append(shape)
         return exe
+
+    def memory_plan(self, batch: int, height: int, width: int, ceiling: bool = False) -> "memory.MemoryPlan":
+        """How a batch of `batch` images padded to (height, width) (a bucket) will run: the batch and
+        UNet passes that fit the device's free memory, from the compiled executables' own needs
+        (compiled here, and reused by `dispatch`). `.fits` False: nothing fits (`.line()` says why).
+        Planned once per shape for the process (the free memory is read when first planned).
+        `ceiling`: measure the largest square from one image in sequence (one more compile)."""
+        from dmfuse_jax.inference import memory
+
+        return memory.plan(self, batch, height, width, ceiling)
 
     def dispatch(self, irs, vis, batch=None, shape=None) -> Pending:
         """Starts fusing luminance images of ONE bucket (asynchronously): padded to `shape` (a plan's
@@ -205,15 +241,21 @@ class Fuser(PairFusion):
             raise ValueError(f"bucket {hb}x{wb} is not a multiple of the UNet stride {self.stride} "
                              f"or does not cover the sizes {sorted(set(sizes))}")
         b = max(batch or len(irs), len(irs))
+        plan = self.memory_plan(b, hb, wb)
+        if not plan.fits:
+            named = ", ".join(f"{w}x{h}" for h, w in sorted(set(sizes)))
+            raise UserError(plan.line(f"{named} (bucket {wb}x{hb})" if (hb, wb) not in set(sizes) else None))
+        exe = self._executable(plan.batch, hb, wb, plan.passes)
         ir = np.stack([buckets.pad_to(x, (hb, wb)) for x in irs])
         vi = np.stack([buckets.pad_to(x, (hb, wb)) for x in vis])
-        if b > len(irs):  # a short last batch reuses the bucket's executable: repeat the last image
-            rep = b - len(irs)
+        n = -(-len(irs) // plan.batch) * plan.batch  # the plan's batch may be smaller than b
+        if n > len(irs):  # a short last batch reuses the bucket's executable: repeat the last image
+            rep = n - len(irs)
             ir = np.concatenate([ir, np.repeat(ir[-1:], rep, 0)])
             vi = np.concatenate([vi, np.repeat(vi[-1:], rep, 0)])
-        exe = self._executable(b, hb, wb)
-        out = exe(self._device_params, ir, vi, np.int32(self.seed))
-        return Pending(out, sizes)
+        outs = [exe(self._device_params, ir[i:i + plan.batch], vi[i:i + plan.batch], np.int32(self.seed))
+                for i in range(0, n, plan.batch)]
+        return Pending(outs if len(outs) > 1 else outs[0], sizes)
 
 
 @dataclass
@@ -238,13 +280,14 @@ class MethodFuser(PairFusion):
 
 def load(checkpoint: str | None = None, *, config=None, ema: bool | None = None, seed: int = 0,
          bucket: int = buckets.DEFAULT_MULTIPLE, max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS,
-         dtype: str | None = None, mode: str = "auto", sixteen_bit: str = "minmax") -> Fuser:
+         dtype: str | None = None, mode: str = "auto", sixteen_bit: str = "minmax", passes: str = "auto") -> Fuser:
     """A `Fuser` from a checkpoint: a training workdir, an inference bundle, or "UNET.pth,HEAD.pth"
     (then `config`, a config file or ConfigDict, is required). None: the bundled default model.
+    `passes`: see `Fuser` (default: the memory plan chooses).
     See `checkpoints.resolve` for the details; `ema`: None = EMA params when the workdir has them."""
     from dmfuse_jax.inference.checkpoints import resolve
 
     ck = resolve(checkpoint, config=config, ema=ema)
     return Fuser(config=ck.config, params=ck.params, seed=seed, bucket=bucket, max_buckets=max_buckets,
                  dtype=dtype, mode=mode,
-                 sixteen_bit=sixteen_bit, source=ck.source)
+                 sixteen_bit=sixteen_bit, source=ck.source, passes=passes)

@@ -101,3 +101,58 @@ class DMFuse(nn.Module):
         x = jnp.zeros(ir.shape[:3] + (self.unet.in_channels,), jnp.float32)
         self.unet(x, jnp.ones((ir.shape[0],)))
         return self(ir, vi)
+
+
+def fuse_in_sequence(model: DMFuse, params, ir: jax.Array, vi: jax.Array, key: jax.Array) -> jax.Array:
+    """`model.apply({'params': params}, ir, vi, rngs={'noise': key})` in less memory: the same noise
+    and maths (to float rounding), the UNet run one (timestep, modality) pass at a time.
+
+    ir, vi: (B, H, W, 1 | 3) as `DMFuse.__call__`; returns (B, H, W, 1). Under `lax.scan` over the
+    len(timesteps) x 2 passes, each pass's five taps go straight into its share of the reducer's
+    first convolution (a 3x3 conv of the timesteps' concatenated features is the sum of the convs
+    of each timestep's features with its slice of the kernel), so neither the batched UNet's
+    activations nor the (B, H, W, 3 C) concatenated taps are ever live: only one pass and the
+    32-channel sums. The rest of the reducer (bias, ReLU, scSE), CAIM and the decoder follow as
+    in `FusionHead`.
+    """
+    from dmfuse_jax.models.fusion_head import ChannelSpatialSE, reflect_pad
+
+    h, w = ir.shape[1:3]
+    b, n_t = ir.shape[0], len(model.timesteps)
+    x_t, g = model.apply({"params": params}, ir, vi, rngs={"noise": key}, method=DMFuse.diffusion_inputs)
+    unet, head, hp = model.unet, model.head, params["head"]
+    n_red = head.num_levels - 1 if head.shared_last_reducer else head.num_levels
+    reducer = [hp[f"en{min(level, n_red - 1)}"] for level in range(head.num_levels)]
+    dt = head.dtype
+    hs = [x_t.shape[1] >> level for level in range(head.num_levels)]
+    ws = [x_t.shape[2] >> level for level in range(head.num_levels)]
+    sums = [jnp.zeros((2, b, hh, ww, head.features), jnp.float32) for hh, ww in zip(hs, ws)]
+    # passes in noisy_inputs' order: t-major, then modality (infrared first), then image
+    t_of = jnp.repeat(jnp.arange(n_t), 2)
+    m_of = jnp.tile(jnp.arange(2), n_t)
+
+    def one(sums, xs):
+        x, gg, t, m = xs
+        taps = unet.apply({"params": params["unet"]}, x, gg, taps=True)
+        out = []
+        for level, (tap, s) in enumerate(zip(taps, sums)):
+            kernel = reducer[level]["conv1"]["conv2d"]["kernel"]  # (3, 3, n_t C, features)
+            c = tap.shape[-1]
+            k_t = jax.lax.dynamic_slice_in_dim(kernel, t * c, c, axis=2)
+            part = jax.lax.conv_general_dilated(
+                reflect_pad(tap, 1).astype(dt), k_t.astype(dt), (1, 1), "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+            out.append(s.at[m].add(part))
+        return out, None
+
+    xs = (x_t.reshape((2 * n_t, b) + x_t.shape[1:]), g.reshape(2 * n_t, b), t_of, m_of)
+    sums, _ = jax.lax.scan(one, sums, xs)
+    reduced = []
+    for level, s in enumerate(sums):
+        conv = reducer[level]["conv1"]["conv2d"]
+        x = jax.nn.relu((s + conv["bias"].astype(jnp.float32)).astype(dt)).reshape((2 * b,) + s.shape[2:])
+        reduced.append(ChannelSpatialSE(dtype=dt, param_dtype=head.param_dtype).apply(
+            {"params": reducer[level]["scSE"]}, x))
+    fused = head.apply({"params": hp}, [r[:b] for r in reduced], [r[b:] for r in reduced],
+                       method=lambda m, a, v: m.decode(m.interact(a, v)))
+    return fused[:, :h, :w, :]

@@ -159,3 +159,21 @@ def test_medical_head_keeps_black_black_and_the_default_keeps_its_sample_outputs
     diff = np.abs(np.rint(got * 255) - np.rint(want * 255))
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, \
         f"sample 07 fused by the default model changed: max {diff.max()} levels, {np.mean(diff > 0):.2%} of pixels"
+
+
+def test_quality_script_split_heldout_uses_only_the_held_out_pairs(shared_dir, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_tno", ROOT / "benchmarks" / "quality_tno.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    out = tmp_path / "q"
+    assert q.main(["--split", "heldout", "--datasets", "harvard_mri_ct", "--methods", "average", "--data", str(DATA),
+                   "--out", str(out), "--fuse-only"]) == 0
+    d = out / "harvard_mri_ct_heldout"
+    want = sorted(f"{n}.png" for n in harvard_split.HELDOUT["mri_ct"])
+    assert sorted(p.name for p in (d / "inputs" / "a").iterdir()) == want
+    assert sorted(p.name for p in (d / "average").iterdir()) == want, "fused: the held-out pairs only"
+    table = q.background_table(["average"], d / "inputs" / "a", d / "inputs" / "b", d)
+    row = table.splitlines()[2].split("|")
+    assert row[1].strip() == "average" and float(row[2]) <= 3.0, table  # averaging black with black stays black

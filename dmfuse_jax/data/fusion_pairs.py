@@ -26,6 +26,29 @@ def split_pairs(ir_dir, vi_dir, num_holdout: int = 0, max_pairs: int = 0):
     return train, held
 
 
+def set_pairs(sets, resolve=None) -> tuple[list, list]:
+    """Named pair lists over several folder pairs (a written-down split, e.g. configs/harvard_fusion.py).
+
+    sets: {set name: {'ir_dir', 'vi_dir', 'train': names, 'heldout': names}} (names are file stems).
+    Returns (train, held-out) lists of ('<set>/<name>', ir, vi), in the order given. A name missing
+    from its folders, or in both lists, is an error: held-out pairs are never trained on.
+    `resolve(path, what)` maps a configured folder to a Path (default: as given)."""
+    resolve = resolve or (lambda path, what: Path(path))
+    train, held = [], []
+    for set_name, s in sets.items():
+        ir_dir, vi_dir = resolve(s["ir_dir"], f"data.sets.{set_name}.ir_dir"), resolve(s["vi_dir"], f"data.sets.{set_name}.vi_dir")
+        by_name = {n: (a, b) for n, a, b in match_pairs(ir_dir, vi_dir)}
+        both = sorted(set(s["train"]) & set(s["heldout"]))
+        if both:
+            raise UserError(f"data.sets.{set_name}: pair(s) {', '.join(both)} are in both train and heldout")
+        for part, names, out in (("train", s["train"], train), ("heldout", s["heldout"], held)):
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                raise UserError(f"data.sets.{set_name}.{part}: no pair named {', '.join(missing)} in {ir_dir} / {vi_dir}")
+            out.extend((f"{set_name}/{n}", *by_name[n]) for n in names)
+    return train, held
+
+
 def check_sizes(pairs) -> list[tuple[int, int]]:
     """(height, width) per pair; any pair whose two images differ in size is an error listing all."""
     sizes, bad = [], []

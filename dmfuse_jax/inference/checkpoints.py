@@ -6,7 +6,9 @@ Kinds, detected in this order:
   bundle          a folder with `dmfuse_bundle.json` (`dmfuse export`, `dmfuse convert-torch`)
   training workdir  a folder with `config.json` and `checkpoints/` (`dmfuse train`); a fusion-stage
                   run gives the whole model; a pretraining run has no fusion head: an error
-None means the bundled default model, `dmfuse_jax/assets/default_bundle/`.
+None means the bundled default model, `dmfuse_jax/assets/default_bundle/`, with the head of the
+fuse mode (`MODE_HEADS`: `--mode medical` swaps in the medical head; every other mode keeps the
+bundle's own RoadScene head).
 A `config` given beside a bundle or workdir must fit its params (else: "a checkpoint of another
 config") and then replaces its config (e.g. to change the compute dtype or kernels).
 """
@@ -24,6 +26,11 @@ from dmfuse_jax.inference import bundle as bundle_lib
 from dmfuse_jax.inference.params import check_params_fit, param_shapes
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "default_bundle"
+# Which fusion head the bundled default model uses per fuse mode, when no checkpoint is given: a
+# head-only flat npz next to the bundle (dmfuse_jax/conversion/npz.py format, float16 values) on the
+# bundle's UNet; modes not listed use the bundle's own head. The one place a shipped head is loaded
+# (`default_head`). medical_head.npz: configs/harvard_fusion.py (docs/evaluation.md, "Medical head").
+MODE_HEADS: dict[str, Path] = {"medical": DEFAULT_BUNDLE.parent / "medical_head.npz"}
 
 
 @dataclass
@@ -109,8 +116,24 @@ def _load_workdir(path: Path, ema: bool | None, notes: list):
     return config, params
 
 
-def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = None) -> Checkpoint:
-    """A checkpoint spec -> Checkpoint(config, float32 numpy params, kind, source, notes)."""
+def default_head(mode: str, template) -> tuple[dict, Path] | None:
+    """The shipped head of fuse `mode` (float32 numpy tree, checked against `template`, the model's
+    head params) and its file, or None when the mode uses the default bundle's own head."""
+    from dmfuse_jax.conversion.npz import load_like
+
+    path = MODE_HEADS.get(mode)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"--mode {mode}: its fusion head {path} is missing from the package (reinstall dmfuse-jax, "
+                        "or pass --checkpoint to use another model)")
+    return load_like(path, "head", template, f"the default model's head (mode {mode})"), path
+
+
+def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = None,
+            mode: str = "auto") -> Checkpoint:
+    """A checkpoint spec -> Checkpoint(config, float32 numpy params, kind, source, notes). `mode` (a
+    fuse mode) matters only for spec None: the default model with that mode's head (`MODE_HEADS`)."""
     config = _as_config(config)
     notes: list[str] = []
     if spec is None:
@@ -118,7 +141,13 @@ def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = N
             raise UserError(f"no --checkpoint given and no default model is bundled ({DEFAULT_BUNDLE} is missing): "
                             "pass --checkpoint WORKDIR|BUNDLE|UNET.pth,HEAD.pth, or use --method average "
                             "for a model-free baseline")
-        spec = DEFAULT_BUNDLE
+        ck = resolve(DEFAULT_BUNDLE, config=config, ema=ema)
+        head = default_head(mode, ck.params["head"])
+        if head is not None:
+            ck.params = {**ck.params, "head": head[0]}
+            ck.source = f"{DEFAULT_BUNDLE} with head {head[1]}"
+            ck.notes.append(f"--mode {mode}: fusion head {head[1].name} (on the default model's UNet)")
+        return ck
     spec = str(spec)
     if is_torch_pair(spec):
         parts = [s for s in spec.split(",") if s]

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None,
                      help="training workdir, inference bundle, or UNET.pth,HEAD.pth (default: the bundled "
-                          "model in dmfuse_jax/assets/default_bundle)")
+                          "model in dmfuse_jax/assets/default_bundle; --mode medical: with the medical head "
+                          "dmfuse_jax/assets/medical_head.npz)")
     src.add_argument("--method", default=None,
                      help="a classical baseline instead of the model: average, max, laplacian_pyramid; "
                           "or ddfm (DDFM sampling, see --prior, --steps)")
@@ -180,7 +181,7 @@ def run(args) -> int:
 
         enable_persistent_cache(getattr(args, "compilation_cache", None))  # before the first compile
 
-        ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
+        ck = resolve(args.checkpoint, config=args.config, ema=args.ema, mode=args.mode)
         try:
             fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed or 0, bucket=args.bucket,
                           max_buckets=args.max_buckets,

@@ -282,12 +282,13 @@ def load(checkpoint: str | None = None, *, config=None, ema: bool | None = None,
          bucket: int = buckets.DEFAULT_MULTIPLE, max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS,
          dtype: str | None = None, mode: str = "auto", sixteen_bit: str = "minmax", passes: str = "auto") -> Fuser:
     """A `Fuser` from a checkpoint: a training workdir, an inference bundle, or "UNET.pth,HEAD.pth"
-    (then `config`, a config file or ConfigDict, is required). None: the bundled default model.
+    (then `config`, a config file or ConfigDict, is required). None: the bundled default model, with
+    the head of `mode` (mode="medical": the medical head, `checkpoints.MODE_HEADS`).
     `passes`: see `Fuser` (default: the memory plan chooses).
     See `checkpoints.resolve` for the details; `ema`: None = EMA params when the workdir has them."""
     from dmfuse_jax.inference.checkpoints import resolve
 
-    ck = resolve(checkpoint, config=config, ema=ema)
+    ck = resolve(checkpoint, config=config, ema=ema, mode=mode)
     return Fuser(config=ck.config, params=ck.params, seed=seed, bucket=bucket, max_buckets=max_buckets,
                  dtype=dtype, mode=mode,
                  sixteen_bit=sixteen_bit, source=ck.source, passes=passes)

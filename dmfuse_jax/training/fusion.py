@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax import compilation
-from dmfuse_jax.data.fusion_pairs import PairedPatchSource, preview_pairs, split_pairs
+from dmfuse_jax.data.fusion_pairs import PairedPatchSource, preview_pairs, set_pairs, split_pairs
 from dmfuse_jax.data.images import from_model_range
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.errors import UserError
@@ -83,6 +83,10 @@ class FusionStage:
     # -- data
     def _pairs(self):
         d = self.config.data
+        if d.get("sets"):  # a written-down split over several folders; previews: first held-out pair per set
+            train, held = set_pairs(d.sets.to_dict(), resolve_path)
+            firsts = {name.split("/")[0]: (name, a, b) for name, a, b in reversed(held)}
+            return train, [firsts[k] for k in d.sets]
         return split_pairs(resolve_path(d.ir_dir, "data.ir_dir"), resolve_path(d.vi_dir, "data.vi_dir"),
                            int(d.get("num_holdout", 0)), int(d.get("max_pairs", 0)))
 

@@ -20,4 +20,10 @@ def get_config():
     config.name = "coco_pretrain"
     config.data.color = "rgb"
     config.data.worker_count = 8
+    config.preview_every_steps = 0  # samples: evals.samples
+    # COCO val2017 beside train2017 (never trained on): its first 64 images, 256x256 centre crops.
+    config.evals.val = defaults.diffusion_loss_eval(5000, "../shared/data/coco/val2017", max_images=64)
+    config.evals.samples = defaults.sample_grid_eval(10_000)
+    config.checkpoint.best.metric = "eval/val/ema/loss"
+    config.checkpoint.best.mode = "min"
     return config

@@ -27,6 +27,9 @@ def get_config():
     config.init.unet_workdir = "workdirs/quickstart_pretrain"
     config.optimizer.learning_rate = 3e-5  # larger steps saturate the tanh output of the tiny head
     config.log_every_steps = 25
-    config.preview_every_steps = 150
+    config.preview_every_steps = 0  # previews: the grid of evals.holdout (evals/holdout/step_*.png)
     config.preview.size = 128
+    # The 2 held-out RoadScene pairs, full size, fused as `dmfuse fuse` does (raw params: no EMA here).
+    config.evals.holdout = defaults.fusion_metrics_eval(50, preview_size=128)
+    config.checkpoint.best.metric = "eval/holdout/raw/Qabf"
     return config

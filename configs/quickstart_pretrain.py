@@ -24,7 +24,12 @@ def get_config():
     config.optimizer.warmup_steps = 20
     config.optimizer.ema_decay = 0.99
     config.log_every_steps = 20
-    config.preview_every_steps = 300
+    config.preview_every_steps = 0  # samples: evals.samples (samples/step_*.png)
     config.preview.num_samples = 8
     config.preview.sample_steps = 20
+    # TNO is never trained on: 16 of its images (infrared and visible), grey, 32x32 centre crops.
+    config.evals.tno = defaults.diffusion_loss_eval(100, "../shared/data/tno", max_images=16)
+    config.evals.samples = defaults.sample_grid_eval(300, num_samples=8, sample_steps=20)
+    config.checkpoint.best.metric = "eval/tno/ema/loss"
+    config.checkpoint.best.mode = "min"
     return config

@@ -17,4 +17,7 @@ def get_config():
     config = defaults.fusion_config(width=32, batch_size=4, num_epochs=16, checkpoint_every_steps=2000,
                                     ir_dir="../shared/data/tno/ir", vi_dir="../shared/data/tno/vi")
     config.name = "tno_fusion"
+    config.preview_every_steps = 0  # previews: the grid of evals.holdout
+    config.evals.holdout = defaults.fusion_metrics_eval(2000)  # the 2 held-out TNO pairs
+    config.checkpoint.best.metric = "eval/holdout/raw/Qabf"
     return config

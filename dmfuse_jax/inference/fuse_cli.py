@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="workdir: use the EMA params")
     ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: use the raw params")
+    from dmfuse_jax.inference.checkpoints import STEPS_HELP
+    p.add_argument("--step", default=None, help=STEPS_HELP)  # issue 22
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from dmfuse_jax.compilation import add_cache_argument
     add_cache_argument(p)
@@ -153,7 +155,7 @@ def run(args) -> int:
 
         enable_persistent_cache(getattr(args, "compilation_cache", None))  # before the first compile
 
-        ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
+        ck = resolve(args.checkpoint, config=args.config, ema=args.ema, step=args.step)
         try:
             fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed or 0, bucket=args.bucket,
                           max_buckets=args.max_buckets,

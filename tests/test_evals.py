@@ -1,0 +1,210 @@
+"""Evaluation while training (`config.evals`, dmfuse_jax/training/evals.py) and the best checkpoint
+(`config.checkpoint.best`, best.py), on the quickstart fusion config at the tiny test size, through
+`dmfuse train` in subprocesses that share one compilation cache:
+
+  evals   fusion_metrics every 2 steps on 2 small held-out pairs, best by raw Qabf, 4 steps, then
+          resumed to 8 steps (evals at 2, 4, 6, 8);
+  plain   the same 4 steps without evals: params bit-identical to `evals` at step 4;
+  two     `evals` for 4 steps on 2 forced host devices (the fuse runs batch-sharded on the mesh).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import helpers as T
+
+METRICS = ("Qabf", "VIF", "SSIM", "MS_SSIM_MEF")
+TIMEOUT = 600
+
+
+def make_pairs(root):
+    """2 held-out RoadScene pairs, centre-cropped to 48x40 (small: the test is about the mechanism)."""
+    from dmfuse_jax.data.fusion_pairs import split_pairs
+    from dmfuse_jax.data.images import read_image, write_image_atomic
+
+    _, held = split_pairs(T.REPO_ROOT / "../shared/data/roadscene/ir", T.REPO_ROOT / "../shared/data/roadscene/vi", 2)
+    for name, a, b in held:
+        for path, part in ((a, "ir"), (b, "vi")):
+            img = read_image(path)
+            h, w = img.shape[:2]
+            write_image_atomic(root / part / f"{name}.png", img[h // 2 - 20:h // 2 + 20, w // 2 - 24:w // 2 + 24])
+    return root / "ir", root / "vi"
+
+
+def evals_overrides(ir, vi, every=2):
+    return [f"evals.holdout.every_steps={every}", "evals.holdout.pairs=folder", f"evals.holdout.ir_dir={ir}",
+            f"evals.holdout.vi_dir={vi}", "evals.holdout.preview_size=32", "checkpoint.best.metric=eval/holdout/raw/Qabf",
+            "checkpoint_every_steps=2"]
+
+
+def train(workdir, extra, env):
+    cmd = T.train_command("fusion", workdir, extra)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=str(T.REPO_ROOT))
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evals")
+    ir, vi = make_pairs(root / "pairs")
+    env = T.subprocess_env(root / "xla_cache")
+    procs = {
+        "evals": train(root / "evals", evals_overrides(ir, vi), env),
+        "plain": train(root / "plain", ["checkpoint_every_steps=2"], env),
+        "two": train(root / "two", evals_overrides(ir, vi), T.subprocess_env(
+            root / "xla_cache", xla_flags=T.FAST_COMPILE + " --xla_force_host_platform_device_count=2")),
+    }
+    procs["resumed"] = train(root / "evals", evals_overrides(ir, vi) + ["total_steps=8"], env)
+    for name, p in procs.items():
+        assert p.returncode == 0, f"run {name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return dict(root=root, procs=procs, ir=ir, vi=vi, env=env)
+
+
+def rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_rows(workdir):
+    return {r["step"]: r for r in rows(workdir) if any(k.startswith("eval/") for k in r)}
+
+
+def tensorboard_tags(workdir) -> set[str]:
+    """Every summary tag of the run's TensorBoard event files (TFRecord framing, tensorboardX protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in (workdir / "tensorboard").glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            tags.update(v.tag for v in ev.summary.value)
+            i += 12 + n + 4
+    return tags
+
+
+def test_eval_rows_in_metrics_jsonl_tensorboard_and_csv(runs):
+    wd = runs["root"] / "evals"
+    got = eval_rows(wd)
+    assert sorted(got) == [2, 4, 6, 8], f"eval steps {sorted(got)}, expected every 2 steps across the resume"
+    for step, r in got.items():
+        for m in METRICS:
+            v = r.get(f"eval/holdout/raw/{m}")
+            assert v is not None and np.isfinite(v), f"step {step}: eval/holdout/raw/{m} missing or not finite: {r}"
+    tags = tensorboard_tags(wd)
+    assert {f"eval/holdout/raw/{m}" for m in METRICS} <= tags, f"TensorBoard tags: {sorted(tags)}"
+    assert "eval/holdout/preview" in tags
+    csv = (wd / "evals" / "holdout.csv").read_text().splitlines()
+    assert csv[0] == "step," + ",".join(f"raw/{m}" for m in METRICS)
+    assert [int(line.split(",")[0]) for line in csv[1:]] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (wd / "evals" / "holdout").glob("step_*.png")) == [
+        f"step_{s:08d}.png" for s in (2, 4, 6, 8)]
+    assert "evals: " in runs["procs"]["evals"].stdout and "% ;" not in runs["procs"]["evals"].stdout
+
+
+def test_params_bit_identical_with_and_without_evals(runs):
+    from dmfuse_jax.training.checkpoint import load_params
+
+    a = load_params(runs["root"] / "evals", step=4)
+    b = load_params(runs["root"] / "plain", step=4)
+    import jax
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"params {jax.tree_util.keystr(path)} differ with evals on")
+
+
+def test_best_checkpoint_is_the_argmax_across_the_resume(runs):
+    from dmfuse_jax.training.best import best_info, load_best_params
+    from dmfuse_jax.training.checkpoint import load_params
+
+    wd = runs["root"] / "evals"
+    qabf = {s: r["eval/holdout/raw/Qabf"] for s, r in eval_rows(wd).items()}
+    want = max(qabf, key=lambda s: (qabf[s], -s))
+    info = best_info(wd)
+    assert info["step"] == want and info["value"] == pytest.approx(qabf[want]), (info, qabf)
+    assert [p.name for p in (wd / "best").iterdir() if p.name.isdigit()] == [str(want)]
+    params, step = load_best_params(wd)
+    assert step == want
+    if want in (4, 6, 8):  # checkpoints/ keeps the last 3: the same weights there
+        ref = load_params(wd, step=want)
+        np.testing.assert_array_equal(params["head"]["conv_in1"]["conv2d"]["kernel"],
+                                      ref["head"]["conv_in1"]["conv2d"]["kernel"])
+
+
+def test_two_devices_give_the_same_evals(runs):
+    one, two = eval_rows(runs["root"] / "evals"), eval_rows(runs["root"] / "two")
+    assert "over 2 devices" in runs["procs"]["two"].stdout
+    for step in (2, 4):
+        for m in METRICS:
+            k = f"eval/holdout/raw/{m}"
+            assert two[step][k] == pytest.approx(one[step][k], rel=1e-3, abs=1e-4), (step, k, one[step][k], two[step][k])
+
+
+def test_fuse_export_take_step_best(runs, tmp_path):
+    from dmfuse_jax.cli import main
+    from dmfuse_jax.training.best import best_info, load_best_params
+
+    wd = runs["root"] / "evals"
+    best = best_info(wd)["step"]
+    outs = {}
+    for step in ("best", str(best), "latest"):
+        out = tmp_path / f"fused_{step}"
+        assert main(["fuse", "--checkpoint", str(wd), "--step", step, "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
+                     "--out", str(out), "--no-progress"]) == 0
+        outs[step] = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert outs["best"] == outs[str(best)] and len(outs["best"]) == 2, "--step best is not the best step's params"
+    assert main(["export", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle"),
+                 "--no-artefact"]) == 0
+    assert main(["convert-npz", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle2")]) == 0
+    from dmfuse_jax.inference.checkpoints import resolve
+    ref, _ = load_best_params(wd)
+    got = resolve(str(tmp_path / "bundle2")).params
+    np.testing.assert_array_equal(got["head"]["conv_in1"]["conv2d"]["kernel"], ref["head"]["conv_in1"]["conv2d"]["kernel"])
+    assert main(["fuse", "--checkpoint", str(wd), "--step", "nope", "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
+                 "--out", str(tmp_path / "x")]) == 2
+
+
+def test_report_writes_png_and_markdown(runs, tmp_path):
+    from dmfuse_jax.cli import main
+
+    wd = runs["root"] / "evals"
+    assert main(["report", str(wd), "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (tmp_path / "report.md").read_text()
+    assert "eval/holdout/raw/Qabf" in md and "Best checkpoint: step" in md
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def tiny_train_argv(workdir, extra):
+    return (["train", "--config", T.FUSION_CONFIG, "--workdir", str(workdir), "--compilation-cache", "off"]
+            + [f"--config.{o}" for o in T.TINY["fusion"] + extra])
+
+
+def test_bad_eval_folder_exits_2_before_step_1(tmp_path, capsys):
+    from dmfuse_jax.cli import main
+
+    wd = tmp_path / "bad"
+    assert main(tiny_train_argv(wd, ["evals.holdout.every_steps=2", "evals.holdout.pairs=folder",
+                                     f"evals.holdout.ir_dir={tmp_path / 'missing_ir'}",
+                                     f"evals.holdout.vi_dir={tmp_path}"])) == 2
+    err = capsys.readouterr().err
+    assert "missing_ir" in err and "evals.holdout.ir_dir" in err, err
+    assert not list((wd / "checkpoints").glob("*")) and not (wd / "metrics.jsonl").exists()
+
+
+def test_best_metric_must_be_produced(tmp_path, capsys):
+    from dmfuse_jax.cli import main
+
+    assert main(tiny_train_argv(tmp_path / "w", ["checkpoint.best.metric=eval/holdout/raw/Nope"])) == 2
+    assert "checkpoint.best.metric" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -4,7 +4,11 @@ of a few RoadScene pairs (8 for training, 2 held out for the previews), on CPU.
   dmfuse train --config configs/quickstart_fusion.py --workdir workdirs/quickstart_fusion \
       --config.init.unet_workdir=workdirs/quickstart_pretrain
 
-Fused previews of the held-out pairs are written to workdirs/quickstart_fusion/previews/.
+Evals (docs/evals.md): `holdout` (fusion_metrics) fuses the 2 held-out RoadScene pairs (full size,
+as `dmfuse fuse` does) every 50 steps and at the end, and logs their mean Qabf, VIF, SSIM and
+MS_SSIM_MEF (vifb convention; raw params, this run keeps no EMA) as eval/holdout/raw/* with a preview
+grid in workdirs/quickstart_fusion/evals/holdout/; the best step by Qabf is kept in
+workdirs/quickstart_fusion/best/. EXPECTED_EVALS
 
 Self-attention sits at the deepest level (resolution 4 of the 32-pixel config size, 1/8 of any
 input), so fusing full-size images stays cheap; at 1/2 it would need tens of GB at TNO sizes.

@@ -3,7 +3,13 @@ RoadScene images in ../shared/data/roadscene (infrared and visible, found recurs
 
   dmfuse train --config configs/quickstart_pretrain.py --workdir workdirs/quickstart_pretrain
 
-then step 2: configs/quickstart_fusion.py. Samples are written to workdirs/quickstart_pretrain/samples/.
+then step 2: configs/quickstart_fusion.py.
+
+Evals (docs/evals.md): `tno` (diffusion_loss) is the L2 epsilon loss of 16 TNO images (never
+trained on; grey, 32x32 centre crops) at the 5 fixed timesteps 100, 300, 500, 700, 900 with fixed
+noise, EMA and raw params, every 100 steps; `samples` (sample_grid) writes 8 samples of the EMA UNet
+(20 respaced steps) to workdirs/quickstart_pretrain/samples/ at the end. The best step by the EMA
+loss is kept in workdirs/quickstart_pretrain/best/. EXPECTED_EVALS
 
 Self-attention sits at the deepest level (resolution 4 of the 32-pixel config size, 1/8 of any
 input), so fusing full-size images stays cheap; at 1/2 it would need tens of GB at TNO sizes.

@@ -206,5 +206,26 @@ def test_best_metric_must_be_produced(tmp_path, capsys):
     assert "checkpoint.best.metric" in capsys.readouterr().err
 
 
+def test_fusion_metrics_fuses_as_dmfuse_fuse(runs):
+    """The evaluator's fused images are `Fuser`'s (the `dmfuse fuse` path) for the same params."""
+    import jax
+
+    from dmfuse_jax.inference.fuser import Fuser
+    from dmfuse_jax.training.evals import FusionMetrics
+    from dmfuse_jax.training.train import build_stage
+    from dmfuse_jax.training.trainer import Trainer
+
+    config = T.tiny_config("fusion", evals_overrides(runs["ir"], runs["vi"]))
+    stage = build_stage(config)
+    trainer = Trainer(config, stage, total_steps=4)
+    state = trainer.init_state()
+    ev = FusionMetrics("holdout", config.evals.holdout, config, stage, trainer)
+    got = ev.fuse({**state.frozen, **state.params})
+    params = jax.tree.map(np.asarray, jax.device_get({**state.frozen, **state.params}))
+    want = Fuser(config=config, params=params).fuse_luma(ev.ir, ev.vi)
+    for name, a, b in zip(ev.names, got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"pair {name}: evaluator and dmfuse fuse differ")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

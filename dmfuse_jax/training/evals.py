@@ -313,9 +313,11 @@ class DiffusionLoss:
         w[:self.n] = 1.0  # padding rows (repeats) carry no weight
         x = np.concatenate([x, np.repeat(x[-1:], b - self.n, 0)]) if b > self.n else x
         table = np.asarray(stage.schedule.sqrt_alphas_cumprod_prev, np.float64)
-        self._g = {t: np.float32(0.5 * (table[t] + table[t - 1])) for t in ts}
+        # Fixed per timestep, as replicated global arrays (every process passes the same values).
+        rep = trainer.replicated
+        self._g = {t: _global(np.float32(0.5 * (table[t] + table[t - 1])), rep) for t in ts}
         seed = int(_opt(cfg, "seed", 0))
-        self._keys = {t: jax.random.fold_in(jax.random.PRNGKey(seed), t) for t in ts}
+        self._keys = {t: _global(np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), t)), rep) for t in ts}
         self._x = _global(x, trainer.batch_sharding)
         self._w = _global(w, trainer.batch_sharding)
         loss_type = config.diffusion.get("loss_type", "l2")
@@ -331,6 +333,7 @@ class DiffusionLoss:
             return jnp.sum(per * weight) / jnp.sum(weight)
 
         self._fn = compilation.jit(loss_at, out_shardings=trainer.replicated)
+        self._exe = None
         self.compile_s = 0.0
 
     def keys(self) -> list[str]:
@@ -339,9 +342,13 @@ class DiffusionLoss:
     def run(self, state, step: int) -> dict[str, float]:
         out = {}
         with jax.set_mesh(self.trainer.mesh):
+            if self._exe is None:  # compiled once, ahead of time (EMA and raw params share the layout)
+                t, t0 = self.timesteps[0], time.perf_counter()
+                self._exe = self._fn.lower(state.params, self._x, self._w, self._g[t], self._keys[t]).compile()
+                self.compile_s += time.perf_counter() - t0
             for v in self.variants:
                 p = _params_of(state, v)
-                vals = [self._fn(p, self._x, self._w, self._g[t], self._keys[t]) for t in self.timesteps]
+                vals = [self._exe(p, self._x, self._w, self._g[t], self._keys[t]) for t in self.timesteps]
                 vals = [float(_to_host(a)) for a in vals]
                 out[f"{v}/loss"] = float(np.mean(vals))
                 out.update({f"{v}/loss_t{t:04d}": x for t, x in zip(self.timesteps, vals)})
@@ -370,7 +377,8 @@ class SampleGrid:
         self.cols = int(_opt(cfg, "cols", 8))
         v = str(_opt(cfg, "params", "ema"))
         self.variant = _variants({"params": (v,)}, config, name)[0]
-        self.key = jax.random.PRNGKey(int(_opt(cfg, "seed", int(config.seed) + 7)))
+        self.key = _global(np.asarray(jax.random.PRNGKey(int(_opt(cfg, "seed", int(config.seed) + 7)))),
+                           trainer.replicated)
         shape = (self.n, stage.size, stage.size, stage.unet.in_channels)
         steps = int(_opt(cfg, "sample_steps", 50))
         unet, schedule = stage.unet, stage.schedule
@@ -379,6 +387,7 @@ class SampleGrid:
             return p_sample_loop(lambda x, g: unet.apply({"params": params}, x, g), key, shape, schedule,
                                  num_steps=steps)
         self._fn = compilation.jit(sample, out_shardings=trainer.replicated)
+        self._exe = None
         self.compile_s = 0.0
 
     def keys(self) -> list[str]:
@@ -389,7 +398,12 @@ class SampleGrid:
         from dmfuse_jax.training.pretrain import image_grid
 
         with jax.set_mesh(self.trainer.mesh):
-            x = _to_host(self._fn(_params_of(state, self.variant), self.key))
+            p = _params_of(state, self.variant)
+            if self._exe is None:
+                t0 = time.perf_counter()
+                self._exe = self._fn.lower(p, self.key).compile()
+                self.compile_s += time.perf_counter() - t0
+            x = _to_host(self._exe(p, self.key))
         grid = image_grid(from_model_range(x, "-1_1"), cols=min(self.n, self.cols))
         self.trainer.write_image(f"samples/step_{step:08d}.png", "samples", grid, step)
         return {}

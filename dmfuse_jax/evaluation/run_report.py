@@ -130,8 +130,6 @@ def build_report(workdir, out=None) -> tuple[Path, Path]:
                         label=f"best: step {best['step']}")
         if best is not None:
             ax.axvline(best["step"], color="crimson", ls="--", lw=0.8)
-        if title == "learning rate" or title == "gradient norm":
-            pass
         if title == "training loss" and s["train/loss"][1] and min(s["train/loss"][1]) > 0:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
@@ -188,8 +186,14 @@ def markdown(workdir: Path, s, best, last_step: int, preview, png: Path, md: Pat
             lines.append(f"| `{k}` | {vals[-1]:.4g} (step {steps[-1]}) | {vals[i]:.4g} (step {steps[i]}) |")
         lines.append("")
     if best is not None:
+        try:
+            stage = json.loads((workdir / "config.json").read_text()).get("stage")
+        except (OSError, ValueError):
+            stage = None
+        use = (f"`dmfuse fuse --checkpoint {workdir} --step best ...`" if stage == "fusion" else
+               "`dmfuse_jax.training.best.load_best_params(workdir, ema=True)`")
         lines += [f"Best checkpoint: step {best['step']}, `{best['metric']}` = {best['value']:.6g} ({best['mode']}), "
-                  f"in `{workdir / 'best'}`; use it with `dmfuse fuse --checkpoint {workdir} --step best ...`.", ""]
+                  f"in `{workdir / 'best'}`; use it with {use}.", ""]
     else:
         lines += ["No best checkpoint (config.checkpoint.best.metric was empty).", ""]
     if preview is not None:

@@ -37,7 +37,9 @@ def _manager(directory: Path, mode: str, read_only: bool = False):
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=not read_only)
     handlers = {"weights": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+    from dmfuse_jax.training.checkpoint import _quiet
+    with _quiet():  # orbax's "directory is read only" note
+        return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
 class BestCheckpoint:

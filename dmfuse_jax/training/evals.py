@@ -89,12 +89,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _gather_rows(local: np.ndarray) -> np.ndarray:
-    """(N, M) per process, NaN outside its shard -> (N, M) on every process."""
-    if jax.process_count() == 1:
+    """(N, M) per process, row i filled by process i % P -> the filled rows, (N, M), on every process."""
+    nproc = jax.process_count()
+    if nproc == 1:
         return local
     from jax.experimental import multihost_utils
     every = np.asarray(multihost_utils.process_allgather(local))  # (P, N, M)
-    return np.nanmax(every, axis=0) if np.isfinite(every).any() else every[0]
+    return np.stack([every[i % nproc, i] for i in range(local.shape[0])])
 
 
 def _folder(cfg, key: str, where: str) -> Path:
@@ -132,7 +133,7 @@ class FusionMetrics:
         from dmfuse_jax.data.fusion_pairs import check_sizes, split_pairs
         from dmfuse_jax.data.images import luma, match_pairs, read_image
         from dmfuse_jax.data.pipeline import resolve_path
-        from dmfuse_jax.evaluation.metrics import get_convention
+        from dmfuse_jax.evaluation.metrics import evaluate_images, get_convention
         from dmfuse_jax.inference import buckets
         from dmfuse_jax.inference.fuser import fuse_function
 
@@ -171,6 +172,13 @@ class FusionMetrics:
         # Read once, at startup: a bad file fails here, before step 1 (read_image names the file).
         self.ir = [luma(read_image(a))[..., :1].astype(np.float32) for _, a, _ in pairs]
         self.vi = [luma(read_image(b))[..., :1].astype(np.float32) for _, _, b in pairs]
+        # The metrics once on the smallest pair (its visible image as the "fused" one): a pair too small
+        # for a metric (MS_SSIM_MEF needs 44 pixels a side) fails here, not after hours of training.
+        i = min(range(len(pairs)), key=lambda j: self.ir[j].shape[0] * self.ir[j].shape[1])
+        try:
+            evaluate_images(self.ir[i], self.vi[i], self.vi[i], names=self.metrics, convention=self.convention)
+        except ValueError as e:
+            raise UserError(f"{pairs[i][1]}: {where}.metrics cannot score this pair: {e}") from None
         self.seed = int(_opt(cfg, "seed", 0))
         self.preview_pairs = int(_opt(cfg, "preview_pairs", 2))
         self.preview_size = int(_opt(cfg, "preview_size", 256))

@@ -160,22 +160,28 @@ def test_fuse_export_take_step_best(runs, tmp_path):
     from dmfuse_jax.cli import main
     from dmfuse_jax.training.best import best_info, load_best_params
 
+    from dmfuse_jax.inference.checkpoints import resolve
+    from dmfuse_jax.training.checkpoint import load_params
+
     wd = runs["root"] / "evals"
-    best = best_info(wd)["step"]
-    outs = {}
-    for step in ("best", str(best), "latest"):
-        out = tmp_path / f"fused_{step}"
-        assert main(["fuse", "--checkpoint", str(wd), "--step", step, "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
-                     "--out", str(out), "--no-progress"]) == 0
-        outs[step] = {p.name: p.read_bytes() for p in out.glob("*.png")}
-    assert outs["best"] == outs[str(best)] and len(outs["best"]) == 2, "--step best is not the best step's params"
+    best_params, best = load_best_params(wd)
+    assert best == best_info(wd)["step"]
+    for step, want in (("best", best_params), ("8", load_params(wd, step=8)), ("latest", load_params(wd))):
+        got = resolve(str(wd), step=step).params
+        np.testing.assert_array_equal(got["head"]["conv_in1"]["conv2d"]["kernel"],
+                                      want["head"]["conv_in1"]["conv2d"]["kernel"], err_msg=f"--step {step}")
+    out = tmp_path / "fused_best"
+    assert main(["fuse", "--checkpoint", str(wd), "--step", "best", "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
+                 "--out", str(out), "--no-progress"]) == 0
+    assert len(list(out.glob("*.png"))) == 2
     assert main(["export", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle"),
                  "--no-artefact"]) == 0
     assert main(["convert-npz", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle2")]) == 0
-    from dmfuse_jax.inference.checkpoints import resolve
-    ref, _ = load_best_params(wd)
     got = resolve(str(tmp_path / "bundle2")).params
-    np.testing.assert_array_equal(got["head"]["conv_in1"]["conv2d"]["kernel"], ref["head"]["conv_in1"]["conv2d"]["kernel"])
+    np.testing.assert_array_equal(got["head"]["conv_in1"]["conv2d"]["kernel"],
+                                  best_params["head"]["conv_in1"]["conv2d"]["kernel"])
+    assert main(["fuse", "--checkpoint", str(tmp_path / "bundle2"), "--step", "best", "--ir", str(runs["ir"]),
+                 "--vis", str(runs["vi"]), "--out", str(tmp_path / "y")]) == 2  # --step: workdirs only
     assert main(["fuse", "--checkpoint", str(wd), "--step", "nope", "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
                  "--out", str(tmp_path / "x")]) == 2
 
@@ -248,6 +254,55 @@ def test_fusion_metrics_fuses_as_dmfuse_fuse(runs):
     want = Fuser(config=config, params=params).fuse_luma(ev.ir, ev.vi)
     for name, a, b in zip(ev.names, got, want):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"pair {name}: evaluator and dmfuse fuse differ")
+
+
+def test_unknown_type_or_option_is_a_user_error():
+    import ml_collections
+
+    from dmfuse_jax.errors import UserError
+    from dmfuse_jax.training.evals import EvalRunner
+
+    config = T.tiny_config("fusion")
+    with config.unlocked():
+        config.evals.bad = ml_collections.ConfigDict(dict(type="fusion_metrics", every_steps=2, every_step=4))
+    with pytest.raises(UserError, match="unknown option.*every_step"):
+        EvalRunner(config, None, None, 4, None)
+    with config.unlocked():
+        config.evals.bad = ml_collections.ConfigDict(dict(type="fusion_metric", every_steps=2))
+    with pytest.raises(UserError, match="fusion_metric.*expected one of"):
+        EvalRunner(config, None, None, 4, None)
+
+
+def test_stage1_evaluators_diffusion_loss_and_sample_grid(tmp_path):
+    """diffusion_loss: fixed timesteps and noise (the same params give the same values; other params
+    other values), per timestep and their mean; sample_grid: samples/step_*.png."""
+    import jax
+
+    from dmfuse_jax.data.images import write_image_atomic
+    from dmfuse_jax.training.evals import DiffusionLoss, SampleGrid
+    from dmfuse_jax.training.train import build_stage
+    from dmfuse_jax.training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_image_atomic(tmp_path / "imgs" / f"sub{i % 2}" / f"{i}.png", rng.random((20 + i, 24, 1)).astype(np.float32))
+    config = T.tiny_config("pretrain", [f"evals.tno.root={tmp_path / 'imgs'}", "evals.tno.timesteps=(10, 150)",
+                                        "evals.samples.sample_steps=2", "evals.samples.num_samples=2"])
+    stage = build_stage(config)
+    trainer = Trainer(config, stage, total_steps=1)
+    trainer.workdir = tmp_path / "w"
+    state = trainer.init_state()
+    ev = DiffusionLoss("tno", config.evals.tno, config, stage, trainer)
+    assert ev.n == 3 and ev.keys() == ["ema/loss", "ema/loss_t0010", "ema/loss_t0150",
+                                       "raw/loss", "raw/loss_t0010", "raw/loss_t0150"]
+    a, b = ev.run(state, 1), ev.run(state, 2)
+    assert a == b and all(np.isfinite(list(a.values()))), (a, b)
+    assert a["raw/loss"] == pytest.approx((a["raw/loss_t0010"] + a["raw/loss_t0150"]) / 2)
+    other = state.replace(params=jax.tree.map(lambda x: x * 0.5, state.params))
+    assert ev.run(other, 3)["raw/loss"] != a["raw/loss"] and ev.run(other, 3)["ema/loss"] == a["ema/loss"]
+    grid = SampleGrid("samples", config.evals.samples, config, stage, trainer)
+    assert grid.run(state, 5) == {} and (tmp_path / "w" / "samples" / "step_00000005.png").is_file()
+    trainer.close()
 
 
 @pytest.mark.slow

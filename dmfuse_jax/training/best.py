@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 from dmfuse_jax.errors import UserError
@@ -50,6 +51,7 @@ class BestCheckpoint:
         self.metric, self.mode = metric, mode
         self.manager = _manager(self.directory, mode)
         self.step, self.value = None, None
+        self.saves, self.save_seconds = 0, 0.0  # this run's saves and the time they blocked the loop
         best = self.manager.best_step()
         if best is not None:  # resume: the kept step and its value
             self.step, self.value = int(best), float(self.manager.metrics(best)["value"])
@@ -87,16 +89,21 @@ class BestCheckpoint:
             return False
         from dmfuse_jax.training.checkpoint import weight_checksums
 
+        t = time.perf_counter()
         weights, _ = state.split_items()
         meta = {"step": int(step), "metric": self.metric, "mode": self.mode, "value": value,
                 "checksums": weight_checksums(weights)}
         self.manager.save(step, force=True, metrics={"value": value}, args=ocp.args.Composite(
             weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)))
         self.step, self.value = int(step), value
+        self.saves += 1
+        self.save_seconds += time.perf_counter() - t
         return True
 
     def close(self) -> None:
+        t = time.perf_counter()
         self.manager.wait_until_finished()
+        self.save_seconds += time.perf_counter() - t
         self.manager.close()
 
 

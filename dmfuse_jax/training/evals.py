@@ -128,6 +128,8 @@ class FusionMetrics:
     `dmfuse fuse`), preview_pairs (pairs in the grid; 0 none), preview_size (crop side)."""
 
     kind = "fusion_metrics"
+    options = ("pairs", "ir_dir", "vi_dir", "max_pairs", "metrics", "convention", "params", "batch_size", "seed",
+               "preview_pairs", "preview_size")
 
     def __init__(self, name: str, cfg, config, stage, trainer):
         from dmfuse_jax.data.fusion_pairs import check_sizes, split_pairs
@@ -301,6 +303,7 @@ class DiffusionLoss:
     and the noise eps comes from fold_in(PRNGKey(seed), t): both fixed for the run."""
 
     kind = "diffusion_loss"
+    options = ("root", "max_images", "timesteps", "params", "seed")
 
     def __init__(self, name: str, cfg, config, stage, trainer):
         if stage.name != "pretrain":
@@ -372,6 +375,7 @@ class SampleGrid:
     Writes samples/step_XXXXXXXX.png and TensorBoard 'samples' (no scalars)."""
 
     kind = "sample_grid"
+    options = ("num_samples", "sample_steps", "params", "seed", "cols")
 
     def __init__(self, name: str, cfg, config, stage, trainer):
         from dmfuse_jax.diffusion.gaussian import p_sample_loop
@@ -445,6 +449,10 @@ class EvalRunner:
             kind = cfg.get("type") if hasattr(cfg, "get") else None
             if kind not in EVALUATORS:
                 raise UserError(f"config.evals.{name}.type is {kind!r}: expected one of {sorted(EVALUATORS)}")
+            unknown = sorted(set(cfg.keys()) - {"type", "every_steps"} - set(EVALUATORS[kind].options))
+            if unknown:
+                raise UserError(f"config.evals.{name}: unknown option(s) {', '.join(unknown)} for a {kind} eval "
+                                f"(its options: every_steps, {', '.join(EVALUATORS[kind].options)})")
             every = int(cfg.get("every_steps", 0))
             if every < 0:
                 raise UserError(f"config.evals.{name}.every_steps must be >= 0 (0: off)")
@@ -524,7 +532,8 @@ class EvalRunner:
                   f"training ({100 * s['eval_share']:.1f}%; {s['eval_compile_seconds']:.1f} s compiling)", flush=True)
             if self.best is not None and self.best.step is not None:
                 print(f"best checkpoint: step {self.best.step} ({self.best.metric} = {self.best.value:.6g}) in "
-                      f"{self.best.directory}", flush=True)
+                      f"{self.best.directory}; {self.best.saves} save(s) this run, {self.best.save_seconds:.2f} s "
+                      "blocking", flush=True)
         return s
 
 

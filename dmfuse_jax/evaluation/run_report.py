@@ -130,7 +130,8 @@ def build_report(workdir, out=None) -> tuple[Path, Path]:
                         label=f"best: step {best['step']}")
         if best is not None:
             ax.axvline(best["step"], color="crimson", ls="--", lw=0.8)
-        if title == "training loss" and s["train/loss"][1] and min(s["train/loss"][1]) > 0:
+        ys = s["train/loss"][1] if "train/loss" in s else []
+        if title == "training loss" and ys and min(ys) > 0 and max(ys) > 10 * min(ys):  # a 10x fall: log scale
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)

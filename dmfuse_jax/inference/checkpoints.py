@@ -154,7 +154,7 @@ def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = N
                             "for a model-free baseline")
         spec = DEFAULT_BUNDLE
     spec = str(spec)
-    if step is not None and not (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()):
+    if step is not None and not (Path(spec, "config.json").is_file() and Path(spec, "checkpoints").is_dir()):
         raise UserError(f"{spec}: --step {step} selects a checkpoint of a training workdir; this is not one")
     if is_torch_pair(spec):
         parts = [s for s in spec.split(",") if s]

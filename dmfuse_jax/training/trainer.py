@@ -247,10 +247,10 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                     break
             ckpt.save(step, state, data_iter, force=True)
             ckpt.close()
-            summary["evals"] = evals.close()
         finally:
             bar.close()
             trainer.close()
+    summary["evals"] = evals.close()  # issue 22: waits for a best save; prints the evals' share
     summary["end_step"] = step
     if chief:
         if summary["preempted"]:

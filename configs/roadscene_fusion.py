@@ -35,4 +35,10 @@ def get_config():
     config.optimizer.learning_rate = 1e-4
     config.init.unet_workdir = "workdirs/roadscene_pretrain"
     config.init.head_torch = "../shared/weights/dmfuse_fusion_head.pth"
+    config.preview_every_steps = 0  # previews: the grids of the evals
+    config.evals.holdout = defaults.fusion_metrics_eval(500)  # the 2 held-out RoadScene pairs
+    # A TNO subset (TNO is never trained on): its first 5 pairs, full size.
+    config.evals.tno = defaults.fusion_metrics_eval(500, pairs="folder", ir_dir="../shared/data/tno/ir",
+                                                    vi_dir="../shared/data/tno/vi", max_pairs=5)
+    config.checkpoint.best.metric = "eval/tno/raw/Qabf"
     return config

@@ -34,4 +34,10 @@ def get_config():
     config.optimizer.learning_rate = 2e-4
     config.optimizer.warmup_steps = 300
     config.optimizer.ema_decay = 0.999
+    config.preview_every_steps = 0  # samples: evals.samples
+    # TNO is never trained on: 16 of its images, as RGB (grey repeated), 256x256 centre crops.
+    config.evals.tno = defaults.diffusion_loss_eval(500, "../shared/data/tno", max_images=16)
+    config.evals.samples = defaults.sample_grid_eval(1000)
+    config.checkpoint.best.metric = "eval/tno/ema/loss"
+    config.checkpoint.best.mode = "min"
     return config

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-torch": ("dmfuse_jax.conversion.cli", "build an inference bundle from PyTorch weights"),
     "convert-npz": ("dmfuse_jax.conversion.npz_cli", "build an inference bundle from flat npz parameter files"),
     "evaluate": ("dmfuse_jax.evaluation.cli", "score fused images with the field's metrics"),
+    "report": ("dmfuse_jax.evaluation.run_report", "a training run's curves, evals, best step and previews as PNG + markdown"),
 }
 
 

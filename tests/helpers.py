@@ -23,10 +23,12 @@ TINY_MODEL = ["model.unet.channel_mults=(1, 2, 2)", "model.unet.image_size=16", 
 TINY = {
     "pretrain": TINY_MODEL + ["batch_size=4", "total_steps=6", "checkpoint_every_steps=2", "log_every_steps=2",
                               "preview_every_steps=0", "model.unet.dropout=0.1", "optimizer.warmup_steps=2",
-                              "data.num_threads=1"],
+                              "data.num_threads=1", "evals.tno.every_steps=0", "evals.samples.every_steps=0",
+                              "checkpoint.best.metric="],
     "fusion": TINY_MODEL + ["batch_size=4", "total_steps=4", "checkpoint_every_steps=2", "log_every_steps=2",
                             "preview_every_steps=0", "data.patch_size=16", "data.patch_step=64",
-                            "data.max_pairs=2", "init.unet_workdir=", "data.num_threads=1"],
+                            "data.max_pairs=2", "init.unet_workdir=", "data.num_threads=1",
+                            "evals.holdout.every_steps=0", "checkpoint.best.metric="],
 }
 
 

@@ -91,20 +91,52 @@ def load_torch_pair(unet_path: str, head_path: str, config, notes: list | None =
     return _float32(params)
 
 
-def _load_workdir(path: Path, ema: bool | None, notes: list):
+STEPS_HELP = ("workdir: which checkpoint: 'latest' (the newest valid one), 'best' (the best by "
+              "config.checkpoint.best, kept in WORKDIR/best/) or a step number (default: latest)")
+
+
+def parse_step(step) -> int | str | None:
+    """--step: None / 'latest' -> None (the newest valid checkpoint), 'best', or a step number."""
+    if step is None or step == "latest":
+        return None
+    if step == "best" or isinstance(step, int):
+        return step
+    try:
+        return int(step)
+    except ValueError:
+        raise UserError(f"--step {step!r}: expected 'best', 'latest' or a step number") from None
+
+
+def _workdir_params(path: Path, ema: bool, step):
+    from dmfuse_jax.training import checkpoint as ck
+
+    if step == "best":
+        from dmfuse_jax.training.best import load_best_params
+        params, _ = load_best_params(path, ema=ema)
+        return params
+    return ck.load_params(path, ema=ema, step=step)
+
+
+def _load_workdir(path: Path, ema: bool | None, notes: list, step=None):
     from dmfuse_jax.training import checkpoint as ck
 
     config = ck.load_workdir_config(path)
+    if step == "best":
+        from dmfuse_jax.training.best import best_info
+        info = best_info(path) or {}
+        notes.append(f"{path}: best checkpoint, step {info.get('step')} ({info.get('metric')} = {info.get('value')})")
+    elif step is not None:
+        notes.append(f"{path}: checkpoint of step {step}")
     if ema is None:  # EMA params when the run kept them, else the raw ones
         try:
-            params = ck.load_params(path, ema=True)
+            params = _workdir_params(path, True, step)
             notes.append(f"{path}: EMA params")
         except (KeyError, LookupError, FileNotFoundError, ValueError, UserError):
-            params = ck.load_params(path, ema=False)
+            params = _workdir_params(path, False, step)
             notes.append(f"{path}: raw params (no EMA params in the checkpoint)")
     else:
         try:
-            params = ck.load_params(path, ema=ema)
+            params = _workdir_params(path, ema, step)
         except KeyError as e:
             raise UserError(f"{path}: the checkpoint has no {'EMA' if ema else 'raw'} params ({e})") from None
     if not (isinstance(params, dict) and "unet" in params and "head" in params):
@@ -131,12 +163,16 @@ def default_head(mode: str, template) -> tuple[dict, Path] | None:
 
 
 def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = None,
-            mode: str = "auto") -> Checkpoint:
+            mode: str = "auto", step=None) -> Checkpoint:
     """A checkpoint spec -> Checkpoint(config, float32 numpy params, kind, source, notes). `mode` (a
-    fuse mode) matters only for spec None: the default model with that mode's head (`MODE_HEADS`)."""
+    fuse mode) matters only for spec None: the default model with that mode's head (`MODE_HEADS`).
+    `step` (workdirs only): None / 'latest', 'best' or a step number (see `parse_step`)."""
     config = _as_config(config)
+    step = parse_step(step)
     notes: list[str] = []
     if spec is None:
+        if step is not None:
+            raise UserError(f"--step {step} selects a checkpoint of a training workdir; pass --checkpoint WORKDIR")
         if not bundle_lib.is_bundle(DEFAULT_BUNDLE):
             raise UserError(f"no --checkpoint given and no default model is bundled ({DEFAULT_BUNDLE} is missing): "
                             "pass --checkpoint WORKDIR|BUNDLE|UNET.pth,HEAD.pth, or use --method average "
@@ -149,6 +185,8 @@ def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = N
             ck.notes.append(f"--mode {mode}: fusion head {head[1].name} (on the default model's UNet)")
         return ck
     spec = str(spec)
+    if step is not None and not (Path(spec, "config.json").is_file() and Path(spec, "checkpoints").is_dir()):
+        raise UserError(f"{spec}: --step {step} selects a checkpoint of a training workdir; this is not one")
     if is_torch_pair(spec):
         parts = [s for s in spec.split(",") if s]
         if len(parts) != 2:
@@ -165,7 +203,7 @@ def resolve(spec: str | os.PathLike | None, *, config=None, ema: bool | None = N
         kind = "bundle"
         notes.append(f"{path}: bundle, params stored as {meta.get('param_dtype')}")
     elif path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        own, params = _load_workdir(path, ema, notes)
+        own, params = _load_workdir(path, ema, notes, step)
         params = _float32(params)
         kind = "workdir"
     else:

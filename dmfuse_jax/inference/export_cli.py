@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="workdir: export the EMA params (default: EMA when the run kept them)")
     ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: export the raw params")
+    from dmfuse_jax.inference.checkpoints import STEPS_HELP
+    p.add_argument("--step", default=None, help=STEPS_HELP)  # issue 22
     p.add_argument("--bucket", type=int, default=DEFAULT_MULTIPLE,
                    help="bucket multiple the artefact's loader pads to (default: %(default)s, as dmfuse fuse)")
     p.add_argument("--seed", type=int, default=0, help="default noise seed recorded for the loader")
@@ -39,7 +41,7 @@ def run(args) -> int:
     from dmfuse_jax.inference.checkpoints import resolve
 
     bundle_lib.check_bundle_out(args.out, args.overwrite)
-    ck = resolve(args.checkpoint, config=args.config, ema=args.ema)
+    ck = resolve(args.checkpoint, config=args.config, ema=args.ema, step=args.step)
     for note in ck.notes:
         print(note)
     config = ck.config.copy_and_resolve_references()

@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="workdir: use the EMA params")
     ema.add_argument("--raw", dest="ema", action="store_false", help="workdir: use the raw params")
+    from dmfuse_jax.inference.checkpoints import STEPS_HELP
+    p.add_argument("--step", default=None, help=STEPS_HELP)  # issue 22
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan of each shape bucket (batch, UNet passes, bytes needed and free, "
@@ -181,7 +183,7 @@ def run(args) -> int:
 
         enable_persistent_cache(getattr(args, "compilation_cache", None))  # before the first compile
 
-        ck = resolve(args.checkpoint, config=args.config, ema=args.ema, mode=args.mode)
+        ck = resolve(args.checkpoint, config=args.config, ema=args.ema, mode=args.mode, step=args.step)
         try:
             fuser = Fuser(config=ck.config, params=ck.params, seed=args.seed or 0, bucket=args.bucket,
                           max_buckets=args.max_buckets,

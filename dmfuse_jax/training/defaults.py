@@ -36,7 +36,36 @@ def common(config: ml_collections.ConfigDict, *, stage: str, batch_size: int, to
     # (exit 3); 0: stop at the first. No non-finite state is ever applied or saved.
     config.max_nonfinite_steps = 0
     config.sharding = sharding_config()
+    # Evaluation while training (dmfuse_jax/training/evals.py): name -> dict(type=..., every_steps=...,
+    # options); the best checkpoint by one of their values (dmfuse_jax/training/best.py; metric '' = off).
+    config.evals = ml_collections.ConfigDict()
+    config.checkpoint = ml_collections.ConfigDict(dict(best=dict(metric="", mode="max")))
     return config
+
+
+def fusion_metrics_eval(every_steps: int, *, pairs: str = "holdout", ir_dir: str = "", vi_dir: str = "",
+                        max_pairs: int = 0, metrics=("Qabf", "VIF", "SSIM", "MS_SSIM_MEF"),
+                        preview_pairs: int = 2, preview_size: int = 256) -> ml_collections.ConfigDict:
+    """Stage 2: held-out pairs fused as `dmfuse fuse` does (EMA and raw), scored (vifb convention)."""
+    return ml_collections.ConfigDict(dict(
+        type="fusion_metrics", every_steps=every_steps, pairs=pairs, ir_dir=ir_dir, vi_dir=vi_dir,
+        max_pairs=max_pairs, metrics=tuple(metrics), convention="vifb", params=("ema", "raw"), batch_size=4,
+        seed=0, preview_pairs=preview_pairs, preview_size=preview_size))
+
+
+def diffusion_loss_eval(every_steps: int, root: str, *, max_images: int = 16, timesteps=()) -> ml_collections.ConfigDict:
+    """Stage 1: the DDPM loss of held-out images at fixed timesteps and noise (EMA and raw)."""
+    return ml_collections.ConfigDict(dict(
+        type="diffusion_loss", every_steps=every_steps, root=root, max_images=max_images,
+        timesteps=tuple(timesteps), params=("ema", "raw"), seed=0))
+
+
+def sample_grid_eval(every_steps: int, *, num_samples: int = 8, sample_steps: int = 50,
+                     seed: int = 7) -> ml_collections.ConfigDict:
+    """Stage 1: reverse-diffusion samples of the EMA UNet from a fixed key -> samples/step_*.png."""
+    return ml_collections.ConfigDict(dict(
+        type="sample_grid", every_steps=every_steps, num_samples=num_samples, sample_steps=sample_steps,
+        params="ema", seed=seed, cols=8))
 
 
 def pretrain_config(width: int = 32, *, batch_size: int = 64, total_steps: int = 500_000,

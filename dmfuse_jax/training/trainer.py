@@ -254,6 +254,9 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
 
     ckpt = Checkpointer(workdir, every=int(config.checkpoint_every_steps),
                         keep=int(config.get("keep_checkpoints", 3)) or None, stage=stage.name, config=config)
+    # Evals (issue 22): built, their data read and checked, before any restore or step.
+    from dmfuse_jax.training.evals import EvalRunner
+    evals = EvalRunner(config, stage, trainer, total, workdir)
     restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_sharding, data_iter)
     if restored is None:
         state, start = trainer.init_state(), 0
@@ -268,6 +271,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     train_step = trainer.compile()
     if chief:
         print(f"train step compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    evals.start(start)
 
     log_every = max(1, int(config.get("log_every_steps", 50)))
     preview_every = int(config.get("preview_every_steps", 0))
@@ -307,6 +311,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
                 if preview_every > 0 and (step % preview_every == 0 or step == total):
                     stage.preview(trainer, state, step)
+                evals.after_step(state, step)  # issue 22: due evals, their logs, the best checkpoint
                 stop = watch.requested(step, ckpt)
                 if ckpt.due(step) or stop or step == total:
                     guard.check(ckpt.latest_step())  # never save a step the guard has not passed
@@ -329,6 +334,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
         finally:
             bar.close()
             trainer.close()
+    summary["evals"] = evals.close()  # issue 22: waits for a best save; prints the evals' share
     summary["end_step"] = step
     summary["nonfinite_steps"] = guard.skipped
     if chief:

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-npz": ("dmfuse_jax.conversion.npz_cli", "build an inference bundle from flat npz parameter files"),
     "evaluate": ("dmfuse_jax.evaluation.cli", "score fused images with the field's metrics"),
     "report": ("dmfuse_jax.evaluation.run_report", "a training run's curves, evals, best step and previews as PNG + markdown"),
+    "compile": ("dmfuse_jax.compile_cli", "compile a training step or the fuse function for a TPU slice or GPU "
+                "ahead of time: memory, FLOPs, collectives, roofline"),
 }
 
 

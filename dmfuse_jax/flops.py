@@ -139,14 +139,18 @@ def train_step(config, batch_size: int | None = None) -> FlopCount:
     from dmfuse_jax.training.trainer import Trainer
 
     config = portable_config(config)
-    if batch_size is not None:
-        with config.unlocked():
+    with config.unlocked():
+        if batch_size is not None:
             config.batch_size = batch_size
+        if "sharding" in config:  # the count does not depend on the mesh: trace on this host's devices
+            config.sharding.mesh_shape = (-1, 1)
     stage = build_stage(config)
     trainer = Trainer(config, stage, total_steps=1000)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
              for k, v in stage.example_batch(int(config.batch_size)).items()}
-    return count(trainer.train_step, trainer.abstract_state, batch)
+    # the jitted step, traced under its mesh (as Trainer.train_step runs it; set_mesh cannot nest in a trace)
+    with jax.set_mesh(trainer.mesh):
+        return count(trainer._train_step, trainer.abstract_state, batch)
 
 
 def xla_flops(compiled) -> float:

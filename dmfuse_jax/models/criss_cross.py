@@ -6,6 +6,8 @@ of the values along that path. No 1/sqrt(d) scaling (as the authors' code).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 
@@ -183,14 +185,31 @@ def batch_parallel(fn, *arrays: jax.Array) -> jax.Array:
     return jax.shard_map(fn, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
 
 
+# Set while tracing for a GPU from a machine without one (`dmfuse compile --topology cuda`): 'auto'
+# and 'pallas' then take the kernel's Triton path, as they would on the GPU.
+_LOWERING_FOR_GPU = contextvars.ContextVar("dmfuse_lowering_for_gpu", default=False)
+
+
+@contextlib.contextmanager
+def lowering_for_gpu():
+    """Within: trace the criss-cross attention as on a GPU (the Triton kernel, not interpret mode)."""
+    token = _LOWERING_FOR_GPU.set(True)
+    try:
+        yield
+    finally:
+        _LOWERING_FOR_GPU.reset(token)
+
+
 def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
     """Dispatch: 'reference' (dense jnp), 'blockwise' (jnp, linear memory), 'pallas' (GPU kernel;
     interpret mode off-GPU), or 'auto': the kernel on GPU when it is available; elsewhere the dense
     reference while its energies take at most DENSE_MAX_BYTES, the blockwise one above. Shapes as the reference.
     The kernel runs per batch shard under a context mesh (`batch_parallel`); the reference is
-    plain jnp, which the partitioner shards itself."""
+    plain jnp, which the partitioner shards itself. Under `lowering_for_gpu()` 'auto' and 'pallas'
+    trace the GPU kernel whatever the host backend."""
+    for_gpu = _LOWERING_FOR_GPU.get()
     if impl == "auto":
-        if jax.default_backend() == "gpu" and _pallas_available():
+        if for_gpu or (jax.default_backend() == "gpu" and _pallas_available()):
             impl = "pallas"
         else:
             # symbolic sizes (a jax.export artefact) cannot be compared: the reference
@@ -202,5 +221,6 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 
         return criss_cross_blockwise(q, k, v)
     if impl == "pallas":
         from dmfuse_jax.models import criss_cross_pallas as ccp
-        return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v), q, k, v)
+        interpret = False if for_gpu else None
+        return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v, interpret=interpret), q, k, v)
     raise ValueError(f"unknown criss-cross attention impl {impl!r} (expected auto, reference, blockwise or pallas)")

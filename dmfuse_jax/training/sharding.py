@@ -27,7 +27,8 @@ def logical_spec(names: Sequence[str | None], rules: dict[str, Any] = RULES) -> 
 
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
-    """A (data, fsdp) mesh over all devices (every process's); one entry may be -1 (the rest)."""
+    """A (data, fsdp) mesh over all devices (every process's) or `devices`; one entry may be -1 (the
+    rest). Devices of several TPU slices get a hybrid mesh with the data axis over the slices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(mesh_shape)
     if len(shape) != len(AXES):
@@ -42,12 +43,24 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
     if math.prod(shape) != len(devices):
         raise UserError(f"sharding.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices, "
                         f"there are {len(devices)}")
+    from jax.experimental import mesh_utils
+    slices = num_slices(devices)
+    if slices > 1:  # multi-slice: the data axis spans the slices (DCN), fsdp stays inside one (ICI)
+        if shape[0] % slices:
+            raise UserError(f"sharding.mesh_shape {tuple(shape)}: the data axis must be a multiple of the "
+                            f"{slices} slices (it spans them over the data-center network)")
+        grid = mesh_utils.create_hybrid_device_mesh([shape[0] // slices, shape[1]], [slices, 1], devices)
+        return Mesh(grid, AXES)
     try:
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # noqa: BLE001 - CPU / odd topologies: plain order is fine
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES)
+
+
+def num_slices(devices) -> int:
+    """How many TPU slices (ICI domains) `devices` span: 1 unless the devices have `slice_index`."""
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

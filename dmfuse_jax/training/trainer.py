@@ -95,13 +95,16 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._train_step(state, batch)
 
-    def lower(self) -> Any:
-        """The train step lowered for this state and batch layout (abstract: no data needed)."""
+    def lower(self, platforms: tuple[str, ...] | None = None) -> Any:
+        """The train step lowered for this state and batch layout (abstract: no data needed);
+        `platforms` (e.g. ('cuda',)) lowers for a backend this machine does not have."""
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
                  for k, v in self.stage.example_batch(int(self.config.batch_size)).items()}
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              self.abstract_state, self.state_sharding)
         with jax.set_mesh(self.mesh):
+            if platforms:
+                return self._train_step.trace(state, batch).lower(lowering_platforms=tuple(platforms))
             return self._train_step.lower(state, batch)
 
     def compile(self) -> Any:

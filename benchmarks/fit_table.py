@@ -1,0 +1,224 @@
+"""The "Will it fit?" table: `dmfuse compile` for the paper-size configs on several TPU slices, built in
+parts. Each cell is one compile, written to OUT/<cell>.json by the command itself; a cell whose JSON
+exists is not compiled again, so the script resumes where it stopped. It prints what it has, marking
+each figure measured (a compile of that cell), predicted (the per-chip affine memory line of two
+compiles on the same chip and mesh kind), or not done.
+
+  python benchmarks/fit_table.py --run coco_v5e8_b64            # one cell (under the heavy lock)
+  python benchmarks/fit_table.py --run all                      # every missing cell, in priority order
+  python benchmarks/fit_table.py                                # print the table from what exists
+
+A paper-size compile costs ~22 min and ~10 GB resident on 2 cores: each cell runs as
+`flock LOCK dmfuse compile ...` (--lock, default /work/heavy.lock when it exists), one at a time.
+The affine line: per-chip peak memory m(b) = a + k b for the per-chip batch b, from two compiles;
+the largest batch that fits is floor((HBM - a) / k) rounded down to a multiple the mesh allows, and
+a third compile ("check" cells) tests it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "fit_cells"
+STAGE1_STEPS = 500_000
+COCO, TNO = "configs/coco_pretrain.py", "configs/tno_fusion.py"
+BF16 = ("--config.model.dtype=bfloat16",)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    config: str
+    topology: str
+    batch: int = 0  # global batch (train) or pairs (fuse)
+    fsdp: int = 1
+    num_slices: int = 1
+    what: str = "train"
+    size: str = ""
+    line: str = ""  # cells with the same line share one affine memory fit (same chip, same mesh kind)
+    extra: tuple = field(default=BF16)
+
+    def command(self, out: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "dmfuse_jax.cli", "compile", "--config", self.config, "--topology", self.topology,
+               "--what", self.what, "--json", str(out / f"{self.name}.json")]
+        if self.num_slices > 1:
+            cmd += ["--num-slices", str(self.num_slices)]
+        if self.what == "train":
+            cmd += [f"--config.batch_size={self.batch}", f"--config.sharding.mesh_shape=(-1, {self.fsdp})"]
+        else:
+            cmd += ["--size", self.size, "--batch", str(self.batch)]
+        return cmd + list(self.extra)
+
+
+# Priority order: the Must-show cell first, then the second point of its memory line, then the rest.
+CELLS: list[Cell] = [
+    Cell("coco_v5e8_b64", COCO, "v5e:2x4", 64, line="v5e dp"),
+    Cell("coco_v5e8_b32", COCO, "v5e:2x4", 32, line="v5e dp"),
+    Cell("fuse_v5e_576x768", "configs/dmfuse_quarter.py", "v5e:2x2", 1, what="fuse", size="576x768"),
+    Cell("coco_v5e16_fsdp4", COCO, "v5e:4x4", 128, fsdp=4, line="v5e fsdp4"),
+    Cell("coco_2x_v5e8", COCO, "v5e:2x4", 128, num_slices=2, line="v5e dp"),
+    Cell("coco_v5e16_fsdp1", COCO, "v5e:4x4", 128, line="v5e dp"),
+    Cell("coco_v5p8", COCO, "v5p:2x2x1", 32, line="v5p dp"),
+    Cell("coco_v4_8", COCO, "v4:2x2x1", 32, line="v4 dp"),
+    Cell("coco_v6e8", COCO, "v6e:2x4", 64, line="v6e dp"),
+    Cell("tno_v5e8", TNO, "v5e:2x4", 32, line="tno v5e dp"),
+    Cell("fuse_v5e_1024", "configs/dmfuse_quarter.py", "v5e:2x2", 1, what="fuse", size="1024x1024"),
+]
+
+
+def load(out: Path) -> dict[str, dict]:
+    got = {}
+    for cell in CELLS:
+        p = out / f"{cell.name}.json"
+        if p.is_file():
+            got[cell.name] = json.loads(p.read_text())
+    for p in sorted(out.glob("*.json")):  # check cells and extra cells written by --run NAME:BATCH
+        if p.stem not in got:
+            got[p.stem] = json.loads(p.read_text())
+    return got
+
+
+def lines(cells: list[Cell], got: dict[str, dict]) -> dict[str, tuple[float, float, str]]:
+    """line -> (a, k, source): peak bytes per chip = a + k * per-chip batch, from the two measured
+    cells of that line with the most different per-chip batches."""
+    fits = {}
+    for line in {c.line for c in cells if c.line}:
+        pts = sorted({(got[c.name]["per_chip_batch"], got[c.name]["memory"]["peak_bytes"], c.name)
+                      for c in cells if c.line == line and c.name in got and "memory" in got[c.name]})
+        if len(pts) < 2 or pts[0][0] == pts[-1][0]:
+            continue
+        (b0, m0, n0), (b1, m1, n1) = pts[0], pts[-1]
+        k = (m1 - m0) / (b1 - b0)
+        fits[line] = (m0 - k * b0, k, f"{n0} + {n1}")
+    return fits
+
+
+def largest_batch(fit, hbm: float) -> int:
+    a, k, _ = fit
+    return max(0, math.floor((hbm - a) / k)) if k > 0 else 0
+
+
+def _gib(x):
+    return f"{x / 2 ** 30:.2f}"
+
+
+def table(out: Path) -> str:
+    got = load(out)
+    fits = lines(CELLS, got)
+    rows = ["| cell | config | topology | chips | mesh | batch (per chip) | peak GiB/chip (HBM) | largest per-chip batch "
+            "| collectives | roofline step | images/s bound | stage-1 chip-hours (500k steps) | compile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in CELLS:
+        r = got.get(c.name)
+        fit = fits.get(c.line)
+        if r is None:
+            pred = ""
+            if fit and c.what == "train":
+                chips = None
+                rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''} "
+                            f"| | fsdp {c.fsdp} | {c.batch} | predicted {_gib(fit[0] + fit[1] * _per_chip_guess(c))} "
+                            f"| predicted {largest_batch(fit, _hbm(got, c))} | not done | not done | not done | not done | not done |")
+                continue
+            rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''} "
+                        f"| | fsdp {c.fsdp} | {c.batch or ''} | not done |{pred} | | | | | |")
+            continue
+        rows.append(_measured_row(c, r, fit))
+    extra = [n for n in got if n not in {c.name for c in CELLS}]
+    for n in extra:
+        r = got[n]
+        rows.append(_measured_row(Cell(n, r["config"], r["topology"], line=""), r, None))
+    notes = [f"- line `{k}`: peak = {_gib(a)} GiB + {_gib(kk)} GiB x per-chip batch (from {src})"
+             for k, (a, kk, src) in sorted(fits.items())]
+    return "\n".join(rows + [""] + notes)
+
+
+def _hbm(got, c):
+    for r in got.values():
+        if r["topology"].split(":")[0] == c.topology.split(":")[0]:
+            return r["chip"]["hbm_bytes"]
+    return float("nan")
+
+
+def _per_chip_guess(c: Cell) -> float:
+    chips = math.prod(int(x) for x in c.topology.split(":")[1].split("x")) * c.num_slices
+    return c.batch / chips
+
+
+def _measured_row(c: Cell, r: dict, fit) -> str:
+    m, rf, chip = r.get("memory", {}), r.get("roofline", {}), r["chip"]
+    topo = r["topology"] + (f" x{r['num_slices']}" if r.get("num_slices", 1) > 1 else "")
+    coll = ", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:,.0f} MiB)" for k, v in r.get("collectives", {}).items()) or "none"
+    if r["what"] == "train":
+        mesh = f"{r['mesh']['data']}x{r['mesh']['fsdp']}"
+        batch = f"{r['global_batch']} ({r['per_chip_batch']:g})"
+        largest = f"predicted {largest_batch(fit, chip['hbm_bytes'])}" if fit else "(one point)"
+        hours = STAGE1_STEPS * rf["step_s"] * r["chips"] / 3600 if r.get("stage") == "pretrain" else None
+        hours = f"{hours:,.0f} (bound)" if hours is not None else "n/a (stage 2)"
+    else:
+        mesh, batch, largest, hours = "1 chip", f"{r['batch']} pair {r['size'][0]}x{r['size'][1]}", "", "n/a"
+    return (f"| {c.name} | {Path(r['config']).stem} | {topo} | {r['chips']} | {mesh} | {batch} "
+            f"| measured {_gib(m.get('peak_bytes', float('nan')))} ({_gib(chip['hbm_bytes'])}) | {largest} | {coll} "
+            f"| {rf.get('step_s', float('nan')) * 1e3:.1f} ms ({rf.get('bound', '')}) | {rf.get('images_per_s', float('nan')):,.0f} "
+            f"| {hours} | {r['compile']['wall_s']:.0f} s wall / {r['compile']['cpu_s']:.0f} s CPU |")
+
+
+def run_cell(cell: Cell, out: Path, lock: str | None) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = cell.command(out)
+    if lock:
+        cmd = ["flock", lock, "/usr/bin/time", "-v"] + cmd
+    print("$", " ".join(cmd), flush=True)
+    with open(out / f"{cell.name}.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{cell.name}: exit {rc}; log {out / (cell.name + '.log')}", flush=True)
+    return rc
+
+
+def check_cell(name: str, got: dict) -> Cell | None:
+    """'check:LINE' -> a compile at the predicted largest per-chip batch of that line."""
+    line = name.split(":", 1)[1]
+    fit = lines(CELLS, got).get(line)
+    base = next((c for c in CELLS if c.line == line and c.name in got), None)
+    if fit is None or base is None:
+        print(f"{name}: line {line!r} has fewer than two measured points", file=sys.stderr)
+        return None
+    r = got[base.name]
+    chips = r["chips"]
+    b = largest_batch(fit, r["chip"]["hbm_bytes"])
+    return Cell(f"{base.name.rsplit('_b', 1)[0]}_check_b{b * chips}", base.config, base.topology, b * chips,
+                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--run", help="comma list of cell names, 'check:LINE' (compile the predicted largest batch), or 'all'")
+    p.add_argument("--lock", default="/work/heavy.lock" if os.path.exists("/work/heavy.lock") else None)
+    args = p.parse_args(argv)
+    if args.run:
+        names = [c.name for c in CELLS] if args.run == "all" else args.run.split(",")
+        for name in names:
+            got = load(args.out)
+            if name.startswith("check:"):
+                cell = check_cell(name, got)
+            else:
+                cell = next((c for c in CELLS if c.name == name), None)
+                if cell is None:
+                    print(f"unknown cell {name}; cells: {', '.join(c.name for c in CELLS)}", file=sys.stderr)
+                    return 2
+            if cell is None or cell.name in got:
+                continue
+            run_cell(cell, args.out, args.lock)
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Accelerator chips as `dmfuse compile` needs them: HBM capacity, peak bf16 FLOP/s and HBM bandwidth
+per chip (the vendors' published figures, sources in `CHIPS` and docs/fit.md), and TPU topologies by
+name, built without TPU hardware through libtpu's compile-only client.
+
+Figures are as published: Google gives v5e and v6e HBM in "GB", v4 in "GiB", v5p in "GB"; NVIDIA
+gives H100/H200 memory in GB. Peak FLOP/s is dense bf16 (NVIDIA's 1,979 TFLOP/s is with 2:4
+sparsity: dense is half). They are upper bounds for a roofline, not expectations.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from dmfuse_jax.errors import UserError
+
+GB, GIB = 1e9, 2.0 ** 30
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: float  # per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bytes_per_s: float
+    kind: str  # 'tpu' | 'cuda'
+    source: str  # where the figures are published
+
+    def row(self) -> dict:
+        return dict(name=self.name, hbm_bytes=self.hbm_bytes, peak_bf16_flops=self.peak_flops,
+                    hbm_bytes_per_s=self.hbm_bytes_per_s, source=self.source)
+
+
+# name -> chip. Registry: a new chip is a new row (and, for a TPU, its libtpu prefix below).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1200 * GB, "tpu", "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16 * GB, 197e12, 819 * GB, "tpu", "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95 * GB, 459e12, 2765 * GB, "tpu", "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 32 * GB, 918e12, 1638 * GB, "tpu", "https://cloud.google.com/tpu/docs/v6e"),
+    "h100": Chip("NVIDIA H100 SXM", 80 * GB, 989e12, 3350 * GB, "cuda",
+                 "NVIDIA H100 datasheet (BF16 Tensor Core 1,979 TFLOP/s with sparsity; 3.35 TB/s)"),
+    "h200": Chip("NVIDIA H200 SXM", 141 * GB, 989e12, 4800 * GB, "cuda",
+                 "NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s; Hopper compute as H100)"),
+}
+# `--topology cuda` means the H100 (the GPU this project last ran on).
+CUDA_ALIASES = {"cuda": "h100", "gpu": "h100", "h100": "h100", "h200": "h200"}
+
+# libtpu's chip generation names (topology "v5e:2x4"); v4 and v5p are megacore chips (one JAX device
+# per chip, as on their TPU VMs).
+TPU_MEGACORE = ("v4", "v5p")
+# accelerator type libtpu expects in TPU_ACCELERATOR_TYPE (quiets its start-up probe)
+_ACCEL_TYPE = {"v4": "v4-8", "v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+def chip_for(topology: str) -> Chip:
+    """'v5e:2x4' -> v5e; 'cuda' / 'h100' / 'h200' -> the GPU."""
+    name = topology.lower()
+    if name in CUDA_ALIASES:
+        return CHIPS[CUDA_ALIASES[name]]
+    m = TOPOLOGY_RE.match(name)
+    if not m:
+        raise UserError(f"--topology {topology}: expected a TPU slice GEN:SHAPE (GEN one of "
+                        f"{', '.join(_ACCEL_TYPE)}; e.g. v5e:2x4, v4:2x2x1) or one of {', '.join(CUDA_ALIASES)}")
+    return CHIPS[m.group(1)]
+
+
+def is_cuda(topology: str) -> bool:
+    return topology.lower() in CUDA_ALIASES
+
+
+def prepare_libtpu_env(topology: str) -> None:
+    """Environment for libtpu on a machine without TPUs, set before JAX starts its backends: the host
+    platform stays CPU (the TPU is only a compile target), libtpu's probe of the machine is told
+    what to expect, and its one-process lockfile is not taken (several compiles may run at once)."""
+    gen = topology.split(":", 1)[0].lower()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _ACCEL_TYPE.get(gen, "v5litepod-4"))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def libtpu_version() -> str | None:
+    """The installed libtpu's version, or None when the `tpu` extra is not installed."""
+    from importlib import metadata
+
+    for dist in ("libtpu", "libtpu-nightly"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> list:
+    """The devices of `num_slices` TPU slices of shape `topology` (e.g. 'v5e:2x4'): compile-only
+    devices from libtpu (no TPU needed). UserError when libtpu is missing or does not know the shape."""
+    chip_for(topology)
+    if libtpu_version() is None:
+        raise UserError(f"--topology {topology} needs libtpu: pip install 'dmfuse-jax[tpu]'")
+    from jax.experimental import topologies
+
+    gen, shape = topology.lower().split(":", 1)
+    kwargs = {"chip_config_name": "megacore"} if gen in TPU_MEGACORE else {}
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
+    try:
+        desc = topologies.get_topology_desc(topology_name=f"{gen}:{shape}", platform="tpu", **kwargs)
+    except Exception as e:  # noqa: BLE001 - libtpu's errors for unknown shapes vary
+        raise UserError(f"--topology {topology}: libtpu does not know this slice "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return list(desc.devices)

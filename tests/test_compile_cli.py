@@ -1,0 +1,119 @@
+"""`dmfuse compile`: the real train step compiled for a 4-chip TPU v5e slice through libtpu (no TPU
+here), data parallel and fsdp 2; the report's fields; a batch that cannot fit exits 2 with one line;
+the fuse function and both training steps lowered for CUDA with the Triton kernel and cuDNN attention.
+
+The TPU cases need libtpu (`pip install 'dmfuse-jax[tpu]'`, which CI installs) and skip without it.
+They compile a cut-down quickstart UNet (2 levels, 1 res block, 16x16 crops, bf16): the same Trainer
+and stage as `dmfuse train`, small enough that XLA:TPU takes seconds rather than minutes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dmfuse_jax import accelerators
+from tests.helpers import REPO_ROOT, subprocess_env
+
+needs_libtpu = pytest.mark.skipif(accelerators.libtpu_version() is None,
+                                  reason="libtpu not installed (pip install 'dmfuse-jax[tpu]')")
+
+PRETRAIN = "configs/quickstart_pretrain.py"
+# the quickstart UNet cut to 2 levels of 1 res block (attention at 8x8), 16x16 crops, bf16
+SMALL = ["--config.model.dtype=bfloat16", "--config.model.unet.channel_mults=(1,2)",
+         "--config.model.unet.res_blocks=1", "--config.model.unet.attn_res=(8,)",
+         "--config.model.unet.image_size=16"]
+
+
+def dmfuse_compile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmfuse_jax.cli", "compile", *args], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=900)
+
+
+@needs_libtpu
+def test_tpu_data_parallel_step_report(tmp_path):
+    out = tmp_path / "report.json"
+    p = dmfuse_compile("--config", PRETRAIN, "--topology", "v5e:2x2", "--config.batch_size=8", *SMALL,
+                       "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["chips"] == 4 and r["mesh"] == {"data": 4, "fsdp": 1} and r["per_chip_batch"] == 2
+    assert r["chip"]["name"] == "TPU v5e" and r["chip"]["hbm_bytes"] == 16e9
+    # data parallel: the gradients are all-reduced, nothing is gathered
+    assert r["collectives"].get("all-reduce", {}).get("count", 0) >= 1, r["collectives"]
+    assert "all-gather" not in r["collectives"] and "reduce-scatter" not in r["collectives"]
+    m = r["memory"]
+    # replicated state: params + Adam (2 moments) + EMA, float32, donated in place
+    assert m["argument_bytes"] > 0 and m["alias_bytes"] > 0.9 * m["output_bytes"]
+    assert 0 < m["peak_bytes"] < 2 ** 30
+    assert m["peak_bytes"] == m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"] + m["code_bytes"]
+    f = r["flops"]
+    assert f["analytic_per_chip"] == pytest.approx(f["analytic_per_step"] / 4)
+    # XLA counts elementwise work too; convolutions and matmuls are most of it
+    assert 0.8 * f["analytic_per_chip"] < f["xla_per_chip"] < 5 * f["analytic_per_chip"]
+    rf = r["roofline"]
+    assert rf["step_s"] == pytest.approx(max(rf["compute_s"], rf["memory_s"]))
+    assert rf["compute_s"] == pytest.approx(f["analytic_per_chip"] / 197e12)
+    assert rf["images_per_s"] == pytest.approx(8 / rf["step_s"]) and 0 < rf["best_mfu"] <= 1
+    assert r["bytes_accessed"] > m["argument_bytes"]
+    assert r["compile"]["wall_s"] > 0 and r["compile"]["stage"] == "compiled by XLA:TPU"
+    text = p.stdout
+    for needle in ("memory per chip", "FLOPs per chip", "bytes accessed", "all-reduce", "roofline bound",
+                   "compiled by XLA:TPU in"):
+        assert needle in text, text
+
+
+@needs_libtpu
+def test_tpu_fsdp_gathers_params():
+    p = dmfuse_compile("--config", PRETRAIN, "--topology", "v5e:2x2", "--config.batch_size=8",
+                       "--config.sharding.mesh_shape=(-1, 2)", "--config.sharding.fsdp_min_size=1024", *SMALL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2}" in p.stdout
+    coll = p.stdout.split("collectives per chip:")[1].splitlines()[0]
+    assert "all-gather" in coll or "reduce-scatter" in coll, coll
+
+
+@needs_libtpu
+def test_batch_that_cannot_fit_exits_2():
+    p = dmfuse_compile("--config", PRETRAIN, "--topology", "v5e:2x2", "--config.batch_size=4096",
+                       "--config.model.unet.image_size=256", *SMALL[:4])
+    assert p.returncode == 2, p.stderr[-3000:]
+    err = [l for l in p.stderr.splitlines() if l.startswith("dmfuse compile:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = err[0]
+    assert "does not fit v5e:2x2" in line and "batch 4096 (1024 per chip) of 256x256" in line
+    assert "HBM" in line and "largest buffers" in line and "fsdp" in line, line
+
+
+def test_bad_topology_exits_2():
+    p = dmfuse_compile("--config", PRETRAIN, "--topology", "v9x:2x2")
+    assert p.returncode == 2 and "--topology v9x:2x2" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("case", ["fuse", "pretrain", "fusion"])
+def test_cuda_lowering_has_triton_and_cudnn(case):
+    """Lowered for CUDA in this process (no GPU): bf16, the criss-cross Triton kernel and cuDNN attention."""
+    import argparse
+
+    from dmfuse_jax.compile_cli import build_report
+    from dmfuse_jax.config_lib import load_config
+
+    path = {"fuse": "configs/tiny.py", "pretrain": PRETRAIN, "fusion": "configs/quickstart_fusion.py"}[case]
+    over = {"fuse": [], "pretrain": ["batch_size=2"] + [s.removeprefix("--config.") for s in SMALL[1:]],
+            "fusion": ["batch_size=2", "data.patch_size=32"]}[case]
+    config = load_config(str(REPO_ROOT / path), over)
+    args = argparse.Namespace(config=path, topology="cuda", num_slices=1, what="fuse" if case == "fuse" else "train",
+                              size="64x64", batch=1, json=None)
+    r = build_report(config, args)
+    assert r["dtype"] == "bfloat16" and r["chip"]["name"] == "NVIDIA H100 SXM"
+    calls = r["custom_calls"]
+    if case != "pretrain":  # the fusion head's criss-cross attention
+        assert calls.get("__gpu$xla.gpu.triton", 0) >= 1, calls
+    assert any(k.startswith("__cudnn$fmha") for k in calls), calls  # the UNet's self-attention
+    assert r["flops"]["analytic_per_chip"] > 0
+    if case != "fuse":
+        e = r["hbm_estimate"]
+        assert e["estimate_bytes"] == e["state_bytes"] + e["gradient_bytes"] + e["batch_bytes"] + e["residual_bytes"]
+        assert e["residual_bytes"] > 0

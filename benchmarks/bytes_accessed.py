@@ -56,6 +56,25 @@ def entry_instructions(text: str):
     return out
 
 
+def all_instructions(text: str) -> int:
+    """Operand + result bytes of every instruction of every computation (fusion bodies included),
+    parameters and tuple plumbing left out: what a count that ignores fusion would add up."""
+    from dmfuse_jax.compile_cli import shape_bytes
+
+    total, shapes = 0, {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$", line)
+        if not m:
+            continue
+        name, result, op, rest = m.groups()
+        shapes[name] = shape_bytes(result)
+        if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
+            continue
+        args = rest.split(")", 1)[0]
+        total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", args))
+    return total
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/quickstart_pretrain.py")
@@ -78,7 +97,8 @@ def main(argv=None) -> int:
     print("cost analysis keys:")
     for k in sorted(cost):
         print(f"  {k!r}: {cost[k]:,.0f}")
-    inst = entry_instructions(compiled.as_text())
+    text = compiled.as_text()
+    inst = entry_instructions(text)
     skip = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant")
     a = sum(r + o for _, r, o in inst)
     b = sum(r + o for k, r, o in inst if k not in skip)
@@ -95,7 +115,11 @@ def main(argv=None) -> int:
     m = compiled.memory_analysis()
     print(f"(d) arguments {m.argument_size_in_bytes:,} + outputs {m.output_size_in_bytes:,} "
           f"= {m.argument_size_in_bytes + m.output_size_in_bytes:,}; temps {m.temp_size_in_bytes:,}")
-    print(f"ENTRY instructions: {len(inst)}; while loops: {compiled.as_text().count(' while(')}")
+    e = all_instructions(text)
+    print(f"(e) sum of operands + results over every computation, fused ones included: {e:,.0f}")
+    from dmfuse_jax.compile_cli import kernel_io_bytes
+    print(f"kernel_io_bytes (dmfuse compile's roofline figure; = (b)): {kernel_io_bytes(text):,.0f}")
+    print(f"ENTRY instructions: {len(inst)}; while loops: {text.count(' while(')}")
     return 0
 
 

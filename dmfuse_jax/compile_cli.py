@@ -412,9 +412,10 @@ def build_report(config, args) -> dict:
             mesh = shd.make_mesh(tuple(config.sharding.mesh_shape), devices=devices)
             trainer, lowered = train_target(config, mesh, platforms)
             n = int(np.prod(list(mesh.shape.values())))
+            first = next(iter(trainer.stage.example_batch(1).values()))  # (1, H, W, C)
             r.update(mesh=dict(mesh.shape), global_batch=int(config.batch_size),
                      per_chip_batch=int(config.batch_size) / n, stage=str(config.stage),
-                     image_size=int(trainer.stage.example_batch(1)[next(iter(trainer.stage.example_batch(1)))].shape[1]))
+                     image_size=int(first.shape[1]))
             images = int(config.batch_size)
         else:
             size = parse_size(args.size)
@@ -425,10 +426,9 @@ def build_report(config, args) -> dict:
         if cuda and args.what == "train":
             r["hbm_estimate"] = hbm_estimate_train(trainer)  # traces the GPU branches again
 
-    analytic = analytic_flops(config, args.what, r.get("size"), args.batch) if not cuda else None
+    # traced with the portable kernels (flops.portable_config): the same matmuls as the GPU's or TPU's
+    analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
     if cuda:
-        # the count needs the portable kernels (flops.portable_config): same matmuls as the GPU's
-        analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
         text = lowered.as_text()
         r["custom_calls"] = custom_calls(text)
         r["flops"] = dict(analytic_per_chip=analytic, xla_per_chip=None)

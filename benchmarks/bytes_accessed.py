@@ -28,7 +28,7 @@ SMALL = ["model.dtype=bfloat16", "model.unet.channel_mults=(1,2)", "model.unet.r
 
 def entry_instructions(text: str):
     """(opcode/kind, result bytes, operand bytes) of each ENTRY instruction of an HLO module."""
-    from dmfuse_jax.compile_cli import shape_bytes
+    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
 
     lines, in_entry = [], False
     for line in text.splitlines():
@@ -47,7 +47,7 @@ def entry_instructions(text: str):
             continue
         name, result, op, rest = m.groups()
         shapes[name] = shape_bytes(result)
-        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0] if "), " in rest else rest)
+        operands = re.findall(r"%([\w.\-]+)", _operand_list(rest))
         kind = op
         if op == "fusion":
             k = re.search(r"kind=(\w+)", line)
@@ -59,7 +59,7 @@ def entry_instructions(text: str):
 def all_instructions(text: str) -> int:
     """Operand + result bytes of every instruction of every computation (fusion bodies included),
     parameters and tuple plumbing left out: what a count that ignores fusion would add up."""
-    from dmfuse_jax.compile_cli import shape_bytes
+    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
 
     total, shapes = 0, {}
     for line in text.splitlines():
@@ -70,8 +70,7 @@ def all_instructions(text: str) -> int:
         shapes[name] = shape_bytes(result)
         if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
             continue
-        args = rest.split(")", 1)[0]
-        total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", args))
+        total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", _operand_list(rest)))
     return total
 
 

@@ -84,11 +84,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         if not m:
             continue
         kind, result = m.group(2), m.group(1)
-        if m.group(3) and kind in ("all-reduce", "all-gather", "collective-permute"):
-            # async start results are (operand, result[, context...]) tuples: count the result half
-            nbytes = shape_bytes(result) // 2 if result.startswith("(") else shape_bytes(result)
-        else:
-            nbytes = shape_bytes(result)
+        arrays = [_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+                  for d, dims in _SHAPE_RE.findall(result)]
+        if m.group(3) and kind == "all-gather":  # ((operands), (results)): the results half
+            nbytes = sum(arrays[len(arrays) // 2:])
+        elif m.group(3) and kind == "collective-permute":  # (operand, result, contexts...)
+            nbytes = arrays[1] if len(arrays) > 1 else sum(arrays)
+        else:  # all-reduce-start has the all-reduce's own result shape
+            nbytes = sum(arrays)
         entry = out.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += int(nbytes)
@@ -118,9 +121,21 @@ def kernel_io_bytes(hlo_text: str) -> int:
         name, result, op, rest = m.groups()
         shapes[name] = shape_bytes(result)
         if in_entry and op not in _PLUMBING:
-            args = rest.split(")", 1)[0]
-            total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", args))
+            total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", _operand_list(rest)))
     return total
+
+
+def _operand_list(rest: str) -> str:
+    """The text of an instruction's operand list: `rest` (after 'op(') up to its closing parenthesis."""
+    depth = 0
+    for i, ch in enumerate(rest):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                return rest[:i]
+            depth -= 1
+    return rest
 
 
 def memory(compiled) -> dict[str, int]:

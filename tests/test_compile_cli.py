@@ -155,3 +155,32 @@ def test_fit_table_affine_line_and_status(tmp_path):
     assert "predicted" in row("coco_v5e16_fsdp1")  # same chip and mesh kind: on the line, not compiled
     assert "not done" in row("coco_v5p8")
     assert "chip-hours" in text and "11 (bound)" in row("coco_v5e8_b64")  # 500k x 10 ms x 8 chips / 3600 = 11 h
+
+
+def test_hlo_parsing_collectives_kernel_io_and_oom():
+    """The report's readings of XLA's text: collectives (async pairs once, results' bytes), the kernels'
+    inputs + outputs (fusion bodies not counted), XLA:TPU's out-of-memory message."""
+    from dmfuse_jax.compile_cli import collectives, kernel_io_bytes, oom_summary
+
+    hlo = """HloModule m
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %e = f32[8]{0} exponential(f32[8]{0} %p)
+}
+ENTRY %main (x: bf16[4], y: f32[8]) -> f32[8] {
+  %x = bf16[4]{0} parameter(0)
+  %y = f32[8]{0} parameter(1)
+  %ag = (bf16[4]{0}, bf16[16]{0}) all-gather-start(bf16[4]{0} %x), dimensions={0}
+  %agd = bf16[16]{0} all-gather-done((bf16[4]{0}, bf16[16]{0}) %ag)
+  %f = f32[8]{0} fusion(f32[8]{0} %y), kind=kLoop, calls=%fused
+  %ar = f32[8]{0} all-reduce-start(f32[8]{0} %f), to_apply=%add
+  ROOT %ard = f32[8]{0} all-reduce-done(f32[8]{0} %ar)
+}
+"""
+    assert collectives(hlo) == {"all-gather": {"count": 1, "bytes": 32}, "all-reduce": {"count": 1, "bytes": 32}}
+    # ag-start 8+32+8, ag-done 32+40, fusion 32+32, ar-start 32+32, ar-done 32+32 (the exp inside: not counted)
+    assert kernel_io_bytes(hlo) == 48 + 72 + 64 + 64 + 64
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (55.14G) "
+           "exceeds available HBM (15.75G).")
+    assert oom_summary(msg) == {"used": "55.14G", "capacity": "15.75G", "largest": []}
+    assert oom_summary("INVALID_ARGUMENT: something else") is None

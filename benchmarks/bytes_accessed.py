@@ -28,7 +28,7 @@ SMALL = ["model.dtype=bfloat16", "model.unet.channel_mults=(1,2)", "model.unet.r
 
 def entry_instructions(text: str):
     """(opcode/kind, result bytes, operand bytes) of each ENTRY instruction of an HLO module."""
-    from dmfuse_jax.compile_cli import shape_bytes
+    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
 
     lines, in_entry = [], False
     for line in text.splitlines():
@@ -47,13 +47,31 @@ def entry_instructions(text: str):
             continue
         name, result, op, rest = m.groups()
         shapes[name] = shape_bytes(result)
-        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0] if "), " in rest else rest)
+        operands = re.findall(r"%([\w.\-]+)", _operand_list(rest))
         kind = op
         if op == "fusion":
             k = re.search(r"kind=(\w+)", line)
             kind = f"fusion:{k.group(1) if k else '?'}"
         out.append((kind, shapes[name], sum(shapes.get(o, 0) for o in operands)))
     return out
+
+
+def all_instructions(text: str) -> int:
+    """Operand + result bytes of every instruction of every computation (fusion bodies included),
+    parameters and tuple plumbing left out: what a count that ignores fusion would add up."""
+    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
+
+    total, shapes = 0, {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$", line)
+        if not m:
+            continue
+        name, result, op, rest = m.groups()
+        shapes[name] = shape_bytes(result)
+        if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
+            continue
+        total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", _operand_list(rest)))
+    return total
 
 
 def main(argv=None) -> int:
@@ -78,7 +96,8 @@ def main(argv=None) -> int:
     print("cost analysis keys:")
     for k in sorted(cost):
         print(f"  {k!r}: {cost[k]:,.0f}")
-    inst = entry_instructions(compiled.as_text())
+    text = compiled.as_text()
+    inst = entry_instructions(text)
     skip = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant")
     a = sum(r + o for _, r, o in inst)
     b = sum(r + o for k, r, o in inst if k not in skip)
@@ -95,7 +114,11 @@ def main(argv=None) -> int:
     m = compiled.memory_analysis()
     print(f"(d) arguments {m.argument_size_in_bytes:,} + outputs {m.output_size_in_bytes:,} "
           f"= {m.argument_size_in_bytes + m.output_size_in_bytes:,}; temps {m.temp_size_in_bytes:,}")
-    print(f"ENTRY instructions: {len(inst)}; while loops: {compiled.as_text().count(' while(')}")
+    e = all_instructions(text)
+    print(f"(e) sum of operands + results over every computation, fused ones included: {e:,.0f}")
+    from dmfuse_jax.compile_cli import kernel_io_bytes
+    print(f"kernel_io_bytes (dmfuse compile's roofline figure; = (b)): {kernel_io_bytes(text):,.0f}")
+    print(f"ENTRY instructions: {len(inst)}; while loops: {text.count(' while(')}")
     return 0
 
 

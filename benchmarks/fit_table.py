@@ -91,7 +91,7 @@ def lines(cells: list[Cell], got: dict[str, dict]) -> dict[str, tuple[float, flo
     fits = {}
     for line in {c.line for c in cells if c.line}:
         pts = sorted({(got[c.name]["per_chip_batch"], got[c.name]["memory"]["peak_bytes"], c.name)
-                      for c in cells if c.line == line and c.name in got and "memory" in got[c.name]})
+                      for c in cells if c.line == line and "memory" in got.get(c.name, {})})
         if len(pts) < 2 or pts[0][0] == pts[-1][0]:
             continue
         (b0, m0, n0), (b1, m1, n1) = pts[0], pts[-1]
@@ -129,8 +129,12 @@ def table(out: Path) -> str:
             rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''} "
                         f"| | fsdp {c.fsdp} | {c.batch or ''} | not done |{pred} | | | | | |")
             continue
+        if "does_not_fit" in r:
+            rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology} | | fsdp {c.fsdp} | {c.batch} "
+                        f"| measured: does not fit ({r['does_not_fit'].split('error: ', 1)[-1][:160]}) | | | | | | |")
+            continue
         rows.append(_measured_row(c, r, fit))
-    extra = [n for n in got if n not in {c.name for c in CELLS}]
+    extra = [n for n in got if n not in {c.name for c in CELLS} and "memory" in got[n]]
     for n in extra:
         r = got[n]
         rows.append(_measured_row(Cell(n, r["config"], r["topology"], line=""), r, None))
@@ -178,6 +182,11 @@ def run_cell(cell: Cell, out: Path, lock: str | None) -> int:
     with open(out / f"{cell.name}.log", "w") as log:
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     print(f"{cell.name}: exit {rc}; log {out / (cell.name + '.log')}", flush=True)
+    if rc == 2:  # does not fit (or bad input): the one line is the result of this cell
+        line = next((l for l in (out / f"{cell.name}.log").read_text().splitlines()
+                     if l.startswith("dmfuse compile: error:")), "exit 2")
+        (out / f"{cell.name}.json").write_text(json.dumps(dict(does_not_fit=line, config=cell.config,
+                                                                topology=cell.topology, batch=cell.batch)))
     return rc
 
 

@@ -84,15 +84,58 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         if not m:
             continue
         kind, result = m.group(2), m.group(1)
-        if m.group(3) and kind in ("all-reduce", "all-gather", "collective-permute"):
-            # async start results are (operand, result[, context...]) tuples: count the result half
-            nbytes = shape_bytes(result) // 2 if result.startswith("(") else shape_bytes(result)
-        else:
-            nbytes = shape_bytes(result)
+        arrays = [_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+                  for d, dims in _SHAPE_RE.findall(result)]
+        if m.group(3) and kind == "all-gather":  # ((operands), (results)): the results half
+            nbytes = sum(arrays[len(arrays) // 2:])
+        elif m.group(3) and kind == "collective-permute":  # (operand, result, contexts...)
+            nbytes = arrays[1] if len(arrays) > 1 else sum(arrays)
+        else:  # all-reduce-start has the all-reduce's own result shape
+            nbytes = sum(arrays)
         entry = out.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += int(nbytes)
     return dict(sorted(out.items()))
+
+
+_PLUMBING = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant")
+_INSTR_RE = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def kernel_io_bytes(hlo_text: str) -> int:
+    """Operand + result bytes of every top-level instruction (kernel) of the ENTRY computation of an
+    optimized HLO module, parameters and tuple plumbing left out: the HBM traffic if every kernel read
+    its inputs from HBM and wrote its result back, counting nothing inside a fusion (which stays on
+    chip). XLA:TPU's 'bytes accessed' adds up the instructions inside fusions too (docs/fit.md)."""
+    shapes: dict[str, int] = {}
+    total, in_entry = 0, False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            in_entry = True
+            continue
+        m = _INSTR_RE.match(line)
+        if not m:
+            if in_entry and line.startswith("}"):
+                break
+            continue
+        name, result, op, rest = m.groups()
+        shapes[name] = shape_bytes(result)
+        if in_entry and op not in _PLUMBING:
+            total += shapes[name] + sum(shapes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", _operand_list(rest)))
+    return total
+
+
+def _operand_list(rest: str) -> str:
+    """The text of an instruction's operand list: `rest` (after 'op(') up to its closing parenthesis."""
+    depth = 0
+    for i, ch in enumerate(rest):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                return rest[:i]
+            depth -= 1
+    return rest
 
 
 def memory(compiled) -> dict[str, int]:
@@ -269,8 +312,8 @@ def hbm_estimate_train(trainer) -> dict[str, int]:
 
 def roofline(flops_per_chip: float, bytes_per_chip: float, chip, images_per_step: float, chips: int) -> dict:
     """Lower bounds on one step from the chip's peaks: compute = analytic FLOPs / peak bf16 FLOP/s,
-    memory = XLA's bytes accessed / HBM bandwidth (see docs/fit.md for what that counts); the bound is
-    the larger. images/s and MFU are what that bound would give (MFU = compute time / bound)."""
+    memory = the kernels' input + output bytes (`kernel_io_bytes`) / HBM bandwidth; the bound is the
+    larger. images/s and MFU are what that bound would give (MFU = compute time / bound)."""
     t_c = flops_per_chip / chip.peak_flops
     t_m = bytes_per_chip / chip.hbm_bytes_per_s if bytes_per_chip == bytes_per_chip else 0.0
     t = max(t_c, t_m)
@@ -314,7 +357,8 @@ def format_report(r: dict) -> list[str]:
     xla = f" (XLA's count: {f['xla_per_chip'] / 1e9:,.1f} GFLOP)" if f.get("xla_per_chip") == f.get("xla_per_chip") and f.get("xla_per_chip") is not None else ""
     lines.append(f"  FLOPs per chip per step: {f['analytic_per_chip'] / 1e9:,.1f} GFLOP analytic{xla}")
     if r.get("bytes_accessed") is not None:
-        lines.append(f"  bytes accessed per chip (XLA): {r['bytes_accessed'] / 1e9:,.2f} GB")
+        lines.append(f"  bytes accessed per chip: {r['bytes_accessed'] / 1e9:,.2f} GB (XLA's count, fused instructions "
+                     f"included); kernel inputs + outputs {r['kernel_io_bytes'] / 1e9:,.2f} GB (the roofline's)")
     if "collectives" in r:
         c = r["collectives"]
         lines.append("  collectives per chip: " + (", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:,.1f} MiB)"
@@ -383,9 +427,10 @@ def build_report(config, args) -> dict:
             mesh = shd.make_mesh(tuple(config.sharding.mesh_shape), devices=devices)
             trainer, lowered = train_target(config, mesh, platforms)
             n = int(np.prod(list(mesh.shape.values())))
+            first = next(iter(trainer.stage.example_batch(1).values()))  # (1, H, W, C)
             r.update(mesh=dict(mesh.shape), global_batch=int(config.batch_size),
                      per_chip_batch=int(config.batch_size) / n, stage=str(config.stage),
-                     image_size=int(trainer.stage.example_batch(1)[next(iter(trainer.stage.example_batch(1)))].shape[1]))
+                     image_size=int(first.shape[1]))
             images = int(config.batch_size)
         else:
             size = parse_size(args.size)
@@ -396,10 +441,9 @@ def build_report(config, args) -> dict:
         if cuda and args.what == "train":
             r["hbm_estimate"] = hbm_estimate_train(trainer)  # traces the GPU branches again
 
-    analytic = analytic_flops(config, args.what, r.get("size"), args.batch) if not cuda else None
+    # traced with the portable kernels (flops.portable_config): the same matmuls as the GPU's or TPU's
+    analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
     if cuda:
-        # the count needs the portable kernels (flops.portable_config): same matmuls as the GPU's
-        analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
         text = lowered.as_text()
         r["custom_calls"] = custom_calls(text)
         r["flops"] = dict(analytic_per_chip=analytic, xla_per_chip=None)
@@ -422,10 +466,12 @@ def build_report(config, args) -> dict:
                         lower_s=t_lower, xla_s=time.perf_counter() - t1)
     r["memory"] = memory(compiled)
     r.update(cost(compiled))
-    r["collectives"] = collectives(compiled.as_text())
+    text = compiled.as_text()
+    r["collectives"] = collectives(text)
+    r["kernel_io_bytes"] = kernel_io_bytes(text)
     per_chip = analytic / r["chips"]
     r["flops"] = dict(analytic_per_step=analytic, analytic_per_chip=per_chip, xla_per_chip=r.pop("xla_flops"))
-    r["roofline"] = roofline(per_chip, r["bytes_accessed"], chip, images, r["chips"])
+    r["roofline"] = roofline(per_chip, r["kernel_io_bytes"], chip, images, r["chips"])
     # Whether it fits is XLA:TPU's verdict (it refuses to compile what does not fit the HBM it can use).
     return r
 

@@ -57,7 +57,9 @@ def test_tpu_data_parallel_step_report(tmp_path):
     assert rf["step_s"] == pytest.approx(max(rf["compute_s"], rf["memory_s"]))
     assert rf["compute_s"] == pytest.approx(f["analytic_per_chip"] / 197e12)
     assert rf["images_per_s"] == pytest.approx(8 / rf["step_s"]) and 0 < rf["best_mfu"] <= 1
-    assert r["bytes_accessed"] > m["argument_bytes"]
+    # the roofline's traffic: kernel inputs + outputs, below XLA's count (which adds fused instructions)
+    assert m["argument_bytes"] < r["kernel_io_bytes"] < r["bytes_accessed"]
+    assert rf["memory_s"] == pytest.approx(r["kernel_io_bytes"] / 819e9)
     assert r["compile"]["wall_s"] > 0 and r["compile"]["stage"] == "compiled by XLA:TPU"
     text = p.stdout
     for needle in ("memory per chip", "FLOPs per chip", "bytes accessed", "all-reduce", "roofline bound",
@@ -117,3 +119,68 @@ def test_cuda_lowering_has_triton_and_cudnn(case):
         e = r["hbm_estimate"]
         assert e["estimate_bytes"] == e["state_bytes"] + e["gradient_bytes"] + e["batch_bytes"] + e["residual_bytes"]
         assert e["residual_bytes"] > 0
+
+
+def test_fit_table_affine_line_and_status(tmp_path):
+    """benchmarks/fit_table.py: the memory line from two measured cells, the largest batch it predicts,
+    and the table's marks (measured / predicted / does not fit / not done), from JSON cells alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_table", REPO_ROOT / "benchmarks" / "fit_table.py")
+    ft = importlib.util.module_from_spec(spec)
+    sys.modules["fit_table"] = ft  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(ft)
+    gib = 2 ** 30
+
+    def cell(name, per_chip, peak):
+        r = dict(config=ft.COCO, topology="v5e:2x4", num_slices=1, what="train", chips=8, mesh={"data": 8, "fsdp": 1},
+                 global_batch=int(per_chip * 8), per_chip_batch=per_chip, stage="pretrain",
+                 chip={"name": "TPU v5e", "hbm_bytes": 16e9},
+                 memory={"peak_bytes": peak}, collectives={"all-reduce": {"count": 1, "bytes": 2 ** 20}},
+                 roofline={"step_s": 0.01, "bound": "compute", "images_per_s": 6400.0},
+                 compile={"wall_s": 1300.0, "cpu_s": 1700.0})
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+
+    cell("coco_v5e8_b64", 8, 1 * gib + 8 * 0.5 * gib)  # a + k b with a = 1 GiB, k = 0.5 GiB
+    cell("coco_v5e8_b32", 4, 1 * gib + 4 * 0.5 * gib)
+    (tmp_path / "coco_v5e16_fsdp4.json").write_text(json.dumps(dict(does_not_fit="dmfuse compile: error: too big")))
+    fits = ft.lines(ft.CELLS, ft.load(tmp_path))
+    a, k, src = fits["v5e dp"]
+    assert a == pytest.approx(gib) and k == pytest.approx(0.5 * gib) and "coco_v5e8_b64" in src
+    assert ft.largest_batch(fits["v5e dp"], 16e9) == int((16e9 - gib) // (0.5 * gib))
+    text = ft.table(tmp_path)
+    row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name} |"))  # noqa: E731
+    assert "measured 5.00" in row("coco_v5e8_b64") and "predicted 27" in row("coco_v5e8_b64")
+    assert "does not fit (too big)" in row("coco_v5e16_fsdp4")
+    assert "predicted" in row("coco_v5e16_fsdp1")  # same chip and mesh kind: on the line, not compiled
+    assert "not done" in row("coco_v5p8")
+    assert "chip-hours" in text and "11 (bound)" in row("coco_v5e8_b64")  # 500k x 10 ms x 8 chips / 3600 = 11 h
+
+
+def test_hlo_parsing_collectives_kernel_io_and_oom():
+    """The report's readings of XLA's text: collectives (async pairs once, results' bytes), the kernels'
+    inputs + outputs (fusion bodies not counted), XLA:TPU's out-of-memory message."""
+    from dmfuse_jax.compile_cli import collectives, kernel_io_bytes, oom_summary
+
+    hlo = """HloModule m
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %e = f32[8]{0} exponential(f32[8]{0} %p)
+}
+ENTRY %main (x: bf16[4], y: f32[8]) -> f32[8] {
+  %x = bf16[4]{0} parameter(0)
+  %y = f32[8]{0} parameter(1)
+  %ag = (bf16[4]{0}, bf16[16]{0}) all-gather-start(bf16[4]{0} %x), dimensions={0}
+  %agd = bf16[16]{0} all-gather-done((bf16[4]{0}, bf16[16]{0}) %ag)
+  %f = f32[8]{0} fusion(f32[8]{0} %y), kind=kLoop, calls=%fused
+  %ar = f32[8]{0} all-reduce-start(f32[8]{0} %f), to_apply=%add
+  ROOT %ard = f32[8]{0} all-reduce-done(f32[8]{0} %ar)
+}
+"""
+    assert collectives(hlo) == {"all-gather": {"count": 1, "bytes": 32}, "all-reduce": {"count": 1, "bytes": 32}}
+    # ag-start 8+32+8, ag-done 32+40, fusion 32+32, ar-start 32+32, ar-done 32+32 (the exp inside: not counted)
+    assert kernel_io_bytes(hlo) == 48 + 72 + 64 + 64 + 64
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (55.14G) "
+           "exceeds available HBM (15.75G).")
+    assert oom_summary(msg) == {"used": "55.14G", "capacity": "15.75G", "largest": []}
+    assert oom_summary("INVALID_ARGUMENT: something else") is None

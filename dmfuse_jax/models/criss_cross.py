@@ -221,6 +221,7 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 
         return criss_cross_blockwise(q, k, v)
     if impl == "pallas":
         from dmfuse_jax.models import criss_cross_pallas as ccp
-        interpret = False if for_gpu else None
-        return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v, interpret=interpret), q, k, v)
+        if for_gpu:  # the Triton path, whatever this host's backend
+            return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v, interpret=False), q, k, v)
+        return batch_parallel(lambda q, k, v: ccp.criss_cross_pallas(q, k, v), q, k, v)
     raise ValueError(f"unknown criss-cross attention impl {impl!r} (expected auto, reference, blockwise or pallas)")

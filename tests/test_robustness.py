@@ -22,7 +22,6 @@ from conftest import ROOT
 from dmfuse_jax.cli import main
 from dmfuse_jax.errors import EXIT_PREEMPTED, SaveFailed, UserError
 from dmfuse_jax.inference import bundle as bundle_lib
-from dmfuse_jax.inference.fuser import random_params
 
 QUICKSTART_BUNDLE = ROOT / "tests" / "data" / "quickstart_bundle"
 
@@ -39,8 +38,9 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, tiny_config):
-    return bundle_lib.save_bundle(tmp_path_factory.mktemp("b") / "tiny", tiny_config, random_params(tiny_config))
+def tiny_bundle():
+    """A bundle the project wrote (the shipped quickstart one: no model to initialise here)."""
+    return QUICKSTART_BUNDLE
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -75,16 +75,17 @@ def test_export_overwrite_refuses_a_workdir_and_a_users_folder_and_changes_nothi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle_plus", "notes", "workdir"], "temporary folders left"
 
 
-def test_a_failed_overwrite_leaves_the_old_bundle_whole(tmp_path, tiny_bundle, tiny_config):
+def test_a_failed_overwrite_leaves_the_old_bundle_whole(tmp_path, tiny_bundle):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
     before = tree_state(out)
+    config, params, _ = bundle_lib.load_bundle(tiny_bundle)
 
     def fail(tmp):
         raise RuntimeError("disk went away")
 
     with pytest.raises(RuntimeError, match="disk went away"):
-        bundle_lib.save_bundle(out, tiny_config, random_params(tiny_config, seed=1), overwrite=True, extra=fail)
+        bundle_lib.save_bundle(out, config, params, overwrite=True, extra=fail)
     assert tree_state(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "temporary folders left"
 

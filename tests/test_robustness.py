@@ -338,3 +338,42 @@ def test_slurm_script_requeues_on_the_preempted_exit_code(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert got.returncode == (0 if requeued else rc), got.stderr
         assert (log.read_text().split() == ["requeue", "4242"]) if requeued else not log.exists()
+
+
+# -- the divergence guard's skip budget (the learning-rate blow-up itself: test_checkpoint.py)
+
+
+def test_a_nonfinite_step_is_not_applied_and_the_guard_skips_up_to_its_budget(capsys):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dmfuse_jax.errors import TrainingDiverged
+    from dmfuse_jax.training.state import initial_state
+    from dmfuse_jax.training.trainer import FiniteGuard, make_train_step
+
+    class Toy:  # a stage: loss = sum(w * x); a batch holding NaN makes it non-finite
+        def loss(self, params, frozen, batch, key):
+            return jnp.sum(params["w"] * batch["x"]), {}
+
+    tx = optax.adam(0.1)
+    step = jax.jit(make_train_step(Toy(), tx, ema_decay=0.5))
+    state = initial_state({"w": jnp.ones(3)}, {}, tx, jax.random.PRNGKey(0))
+    good, bad = {"x": jnp.ones(3)}, {"x": jnp.array([1.0, jnp.nan, 1.0])}
+    s1, m1 = step(state, good)
+    s2, m2 = step(s1, bad)
+    s3, m3 = step(s2, good)
+    assert [int(m["nonfinite"]) for m in (m1, m2, m3)] == [0, 1, 0]
+    for before, after in ((s1.params, s2.params), (s1.opt_state, s2.opt_state), (s1.ema_params, s2.ema_params)):
+        jax.tree.map(np.testing.assert_array_equal, before, after)  # the bad step changed nothing...
+    assert int(s2.step) == 2 and not np.array_equal(s1.rng, s2.rng)  # ...but the counter and the key
+    assert not np.array_equal(s2.params["w"], s3.params["w"]) and np.all(np.isfinite(s3.params["w"]))
+
+    guard = FiniteGuard(max_skipped=1, chief=True)
+    for i, m in enumerate((m1, m2, m3), start=1):
+        guard.add(i, m)
+    guard.check(last_checkpoint=None)
+    assert guard.skipped == [2] and "step 2: non-finite loss (nan)" in capsys.readouterr().out
+    guard.add(4, m2)
+    with pytest.raises(TrainingDiverged, match=r"step 4: non-finite loss \(nan\).*\(last checkpoint: none yet"):
+        guard.check(last_checkpoint=None)

@@ -9,7 +9,7 @@ Tiny stage-1 runs (6 steps, checkpoints every 2) in subprocesses, sharing one XL
   corrupt:   a copy of the reference with checkpoint 6 damaged, restarted -> sets 6 aside, resumes from 4
   config:    a copy of the reference restarted with another model config -> exit 2, nothing moved
   diverge:   learning rate 1e30: the loss turns non-finite at step 3 -> exit 3, only finite checkpoints
-  skip:      the same with max_nonfinite_steps=10: each such step is skipped, the run ends (exit 0)
+             (skipping such steps, max_nonfinite_steps: test_robustness.py, in-process)
 Each restarted run must end with params (and EMA params) equal to the reference's. The fusion stage
 (4 steps) is killed after its checkpoint 2 and resumed the same way. Restores of damaged copies
 (truncated / missing files, one flipped byte), of another config and through a failing reader run
@@ -105,9 +105,6 @@ def runs(tmp_path_factory):
     procs["config"] = T.start_training("pretrain", changed, ["model.unet.dropout=0.2"], env=env)
     procs["diverge"] = T.start_training("pretrain", root / "diverge", [BLOW_UP], env=env)
     rcs = {name: finish(p, root / name) for name, p in procs.items()}
-    # After 'diverge': the same program (the skip budget is read on the host), so no new compilation.
-    rcs["skip"] = finish(T.start_training("pretrain", root / "skip", [BLOW_UP, "max_nonfinite_steps=10"], env=env),
-                         root / "skip")
     return dict(root=root, rc_kill=rc_kill, rc_term=rc_term, rcs=rcs, after_interrupt=after_interrupt,
                 corrupt_copy=corrupt_copy, rc_second=rc_second, second_log=(root / "second.log").read_text(),
                 kill_pid=p_kill.pid)
@@ -189,15 +186,9 @@ def test_a_learning_rate_that_blows_up_stops_with_exit_3_and_no_nonfinite_checkp
     [line] = [line for line in log.splitlines() if line.startswith("dmfuse train: error:")]
     assert "step 3: non-finite loss" in line and "last checkpoint: step 2, finite" in line, line
     assert step_dirs(root / "diverge") == ["2"], "a checkpoint was saved after the loss turned non-finite"
-    skip = T.read_log(root / "skip")
-    assert runs["rcs"]["skip"] == 0, skip[-3000:]
-    assert "step 3: non-finite loss" in skip and "update skipped (1 of max_nonfinite_steps=10)" in skip, skip[-3000:]
-    assert step_dirs(root / "skip") == ["2", "4", "6"]
-    for workdir, steps in ((root / "diverge", [2]), (root / "skip", [6])):  # skip: 6 holds 3-6's (skipped) updates
-        for step in steps:
-            for ema in (False, True):
-                for x in jax.tree_util.tree_leaves(load_params(workdir, ema=ema, step=step)):
-                    assert np.all(np.isfinite(x)), f"{workdir} step {step} holds a non-finite array"
+    for ema in (False, True):
+        for x in jax.tree_util.tree_leaves(load_params(root / "diverge", ema=ema, step=2)):
+            assert np.all(np.isfinite(x)), "checkpoint 2 holds a non-finite array"
 
 
 def test_load_workdir_config_and_errors(runs, tmp_path):

@@ -22,7 +22,6 @@ from conftest import ROOT
 from dmfuse_jax.cli import main
 from dmfuse_jax.errors import EXIT_PREEMPTED, SaveFailed, UserError
 from dmfuse_jax.inference import bundle as bundle_lib
-from dmfuse_jax.inference.fuser import random_params
 
 QUICKSTART_BUNDLE = ROOT / "tests" / "data" / "quickstart_bundle"
 
@@ -39,8 +38,9 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, tiny_config):
-    return bundle_lib.save_bundle(tmp_path_factory.mktemp("b") / "tiny", tiny_config, random_params(tiny_config))
+def tiny_bundle():
+    """A bundle the project wrote (the shipped quickstart one: no model to initialise here)."""
+    return QUICKSTART_BUNDLE
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -75,16 +75,17 @@ def test_export_overwrite_refuses_a_workdir_and_a_users_folder_and_changes_nothi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle_plus", "notes", "workdir"], "temporary folders left"
 
 
-def test_a_failed_overwrite_leaves_the_old_bundle_whole(tmp_path, tiny_bundle, tiny_config):
+def test_a_failed_overwrite_leaves_the_old_bundle_whole(tmp_path, tiny_bundle):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
     before = tree_state(out)
+    config, params, _ = bundle_lib.load_bundle(tiny_bundle)
 
     def fail(tmp):
         raise RuntimeError("disk went away")
 
     with pytest.raises(RuntimeError, match="disk went away"):
-        bundle_lib.save_bundle(out, tiny_config, random_params(tiny_config, seed=1), overwrite=True, extra=fail)
+        bundle_lib.save_bundle(out, config, params, overwrite=True, extra=fail)
     assert tree_state(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "temporary folders left"
 
@@ -337,3 +338,42 @@ def test_slurm_script_requeues_on_the_preempted_exit_code(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert got.returncode == (0 if requeued else rc), got.stderr
         assert (log.read_text().split() == ["requeue", "4242"]) if requeued else not log.exists()
+
+
+# -- the divergence guard's skip budget (the learning-rate blow-up itself: test_checkpoint.py)
+
+
+def test_a_nonfinite_step_is_not_applied_and_the_guard_skips_up_to_its_budget(capsys):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dmfuse_jax.errors import TrainingDiverged
+    from dmfuse_jax.training.state import initial_state
+    from dmfuse_jax.training.trainer import FiniteGuard, make_train_step
+
+    class Toy:  # a stage: loss = sum(w * x); a batch holding NaN makes it non-finite
+        def loss(self, params, frozen, batch, key):
+            return jnp.sum(params["w"] * batch["x"]), {}
+
+    tx = optax.adam(0.1)
+    step = jax.jit(make_train_step(Toy(), tx, ema_decay=0.5))
+    state = initial_state({"w": jnp.ones(3)}, {}, tx, jax.random.PRNGKey(0))
+    good, bad = {"x": jnp.ones(3)}, {"x": jnp.array([1.0, jnp.nan, 1.0])}
+    s1, m1 = step(state, good)
+    s2, m2 = step(s1, bad)
+    s3, m3 = step(s2, good)
+    assert [int(m["nonfinite"]) for m in (m1, m2, m3)] == [0, 1, 0]
+    for before, after in ((s1.params, s2.params), (s1.opt_state, s2.opt_state), (s1.ema_params, s2.ema_params)):
+        jax.tree.map(np.testing.assert_array_equal, before, after)  # the bad step changed nothing...
+    assert int(s2.step) == 2 and not np.array_equal(s1.rng, s2.rng)  # ...but the counter and the key
+    assert not np.array_equal(s2.params["w"], s3.params["w"]) and np.all(np.isfinite(s3.params["w"]))
+
+    guard = FiniteGuard(max_skipped=1, chief=True)
+    for i, m in enumerate((m1, m2, m3), start=1):
+        guard.add(i, m)
+    guard.check(last_checkpoint=None)
+    assert guard.skipped == [2] and "step 2: non-finite loss (nan)" in capsys.readouterr().out
+    guard.add(4, m2)
+    with pytest.raises(TrainingDiverged, match=r"step 4: non-finite loss \(nan\).*\(last checkpoint: none yet"):
+        guard.check(last_checkpoint=None)

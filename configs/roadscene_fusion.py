@@ -20,6 +20,12 @@ Continue from the default model (params-only: Adam starts fresh) with the shippe
       --config.init.head_params=../shared/weights/dmfuse_jax_roadscene_head_ema.npz
 
 Training data is RoadScene only: TNO and Harvard stay held out for evaluation.
+
+Evals (docs/evals.md), every 500 steps and at the end, raw params (no EMA in this run), vifb
+convention: `holdout` fuses the 2 held-out RoadScene pairs (FLIR_video_04111, FLIR_video_04215) and
+`tno` the first 5 TNO pairs (01-05), full size as `dmfuse fuse` does, and both log mean Qabf, VIF, SSIM
+and MS_SSIM_MEF (eval/holdout/raw/*, eval/tno/raw/*) with preview grids; the best step by TNO Qabf is
+kept in WORKDIR/best/. SHIPPED_EVALS
 """
 from dmfuse_jax.training import defaults
 

@@ -25,7 +25,8 @@ Evals (docs/evals.md), every 500 steps and at the end, raw params (no EMA in thi
 convention: `holdout` fuses the 2 held-out RoadScene pairs (FLIR_video_04111, FLIR_video_04215) and
 `tno` the first 5 TNO pairs (01-05), full size as `dmfuse fuse` does, and both log mean Qabf, VIF, SSIM
 and MS_SSIM_MEF (eval/holdout/raw/*, eval/tno/raw/*) with preview grids; the best step by TNO Qabf is
-kept in WORKDIR/best/. SHIPPED_EVALS
+kept in WORKDIR/best/. Expected values after the 2,500 steps: not measured
+through these evals during that run (it predates them).
 """
 from dmfuse_jax.training import defaults
 

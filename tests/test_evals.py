@@ -166,16 +166,17 @@ def test_fuse_export_take_step_best(runs, tmp_path):
     out = tmp_path / "fused_best"
     assert main(["fuse", "--checkpoint", str(wd), "--step", "best", "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
                  "--out", str(out), "--no-progress"]) == 0
-    # The evaluator fuses as `dmfuse fuse` does: its logged metrics at the best step (2 devices) are the
-    # metrics of the PNGs `dmfuse fuse` wrote for that step's params (1 device; both 8-bit rounded).
+    # The evaluator fuses as `dmfuse fuse` does: the fused column of its grid at the best step (2 devices,
+    # XLA opt level 0) is the centre of what `dmfuse fuse` wrote for that step's params (1 device, full
+    # optimisation), up to one 8-bit level where float rounding differs.
     from dmfuse_jax.data.images import read_image
-    from dmfuse_jax.evaluation.metrics import evaluate_images
-    scores = [evaluate_images(read_image(runs["ir"] / p.name), read_image(runs["vi"] / p.name), read_image(p),
-                              names=METRICS) for p in sorted(out.glob("*.png"))]
-    assert len(scores) == 2
-    logged = eval_rows(wd)[best]
-    for m in METRICS:
-        assert np.mean([s[m] for s in scores]) == pytest.approx(logged[f"eval/holdout/raw/{m}"], rel=2e-3, abs=1e-4), m
+    from dmfuse_jax.training.evals import crop_center
+    grid = read_image(wd / "evals" / "holdout" / f"step_{best:08d}.png")
+    fused = [read_image(p) for p in sorted(out.glob("*.png"))]
+    assert grid.shape[:2] == (64, 96) and len(fused) == 2
+    for i, f in enumerate(fused):
+        diff = np.abs(grid[32 * i:32 * (i + 1), 64:96] - crop_center(f, 32))
+        assert diff.max() <= 2.5 / 255 and diff.mean() < 0.5 / 255, f"pair {i}: evaluator vs dmfuse fuse {diff.max()}"
     assert main(["export", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle"),
                  "--no-artefact"]) == 0
     assert main(["convert-npz", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle2")]) == 0

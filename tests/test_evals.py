@@ -168,15 +168,18 @@ def test_fuse_export_take_step_best(runs, tmp_path):
                  "--out", str(out), "--no-progress"]) == 0
     # The evaluator fuses as `dmfuse fuse` does: the fused column of its grid at the best step (2 devices,
     # XLA opt level 0) is the centre of what `dmfuse fuse` wrote for that step's params (1 device, full
-    # optimisation), up to one 8-bit level where float rounding differs.
-    from dmfuse_jax.data.images import read_image
+    # optimisation), up to 8-bit rounding: `dmfuse fuse` gives the colour visible image's chroma back, so
+    # its PNG's luma (the RGB rounded to 8 bits, clipped, then Y: a few levels where the colour clips)
+    # is compared; measured 6.4 levels max, 0.52 mean.
+    from dmfuse_jax.data.images import luma, read_image
     from dmfuse_jax.training.evals import crop_center
     grid = read_image(wd / "evals" / "holdout" / f"step_{best:08d}.png")
-    fused = [read_image(p) for p in sorted(out.glob("*.png"))]
+    fused = [luma(read_image(p)) for p in sorted(out.glob("*.png"))]
     assert grid.shape[:2] == (64, 96) and len(fused) == 2
     for i, f in enumerate(fused):
         diff = np.abs(grid[32 * i:32 * (i + 1), 64:96] - crop_center(f, 32))
-        assert diff.max() <= 2.5 / 255 and diff.mean() < 0.5 / 255, f"pair {i}: evaluator vs dmfuse fuse {diff.max()}"
+        assert diff.max() <= 12 / 255 and diff.mean() < 1 / 255, \
+            f"pair {i}: evaluator vs dmfuse fuse: {255 * diff.max():.1f} levels max, {255 * diff.mean():.2f} mean"
     assert main(["export", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle"),
                  "--no-artefact"]) == 0
     assert main(["convert-npz", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle2")]) == 0

@@ -293,8 +293,8 @@ def test_stage1_evaluators_diffusion_loss_and_sample_grid(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_split_the_metrics_and_agree(runs):
-    """2 processes (1 CPU device each, loopback): pair i is scored on process i % 2 and gathered; the
-    values equal the 1-process run's and only process 0 writes."""
+    """2 processes (loopback, 2 forced host devices each: a 4-device mesh): pair i is scored on process
+    i % 2 and gathered; the values equal the 1-process (2-device) run's and only process 0 writes."""
     from test_multiprocess import free_port, wait_all
 
     root = runs["root"]

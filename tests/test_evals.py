@@ -166,16 +166,20 @@ def test_fuse_export_take_step_best(runs, tmp_path):
     out = tmp_path / "fused_best"
     assert main(["fuse", "--checkpoint", str(wd), "--step", "best", "--ir", str(runs["ir"]), "--vis", str(runs["vi"]),
                  "--out", str(out), "--no-progress"]) == 0
-    # The evaluator fuses as `dmfuse fuse` does: its logged metrics at the best step (2 devices) are the
-    # metrics of the PNGs `dmfuse fuse` wrote for that step's params (1 device; both 8-bit rounded).
-    from dmfuse_jax.data.images import read_image
-    from dmfuse_jax.evaluation.metrics import evaluate_images
-    scores = [evaluate_images(read_image(runs["ir"] / p.name), read_image(runs["vi"] / p.name), read_image(p),
-                              names=METRICS) for p in sorted(out.glob("*.png"))]
-    assert len(scores) == 2
-    logged = eval_rows(wd)[best]
-    for m in METRICS:
-        assert np.mean([s[m] for s in scores]) == pytest.approx(logged[f"eval/holdout/raw/{m}"], rel=2e-3, abs=1e-4), m
+    # The evaluator fuses as `dmfuse fuse` does: the fused column of its grid at the best step (2 devices,
+    # XLA opt level 0) is the centre of what `dmfuse fuse` wrote for that step's params (1 device, full
+    # optimisation), up to 8-bit rounding: `dmfuse fuse` gives the colour visible image's chroma back, so
+    # its PNG's luma (the RGB rounded to 8 bits, clipped, then Y: a few levels where the colour clips)
+    # is compared; measured 6.4 levels max, 0.52 mean.
+    from dmfuse_jax.data.images import luma, read_image
+    from dmfuse_jax.training.evals import crop_center
+    grid = read_image(wd / "evals" / "holdout" / f"step_{best:08d}.png")
+    fused = [luma(read_image(p)) for p in sorted(out.glob("*.png"))]
+    assert grid.shape[:2] == (64, 96) and len(fused) == 2
+    for i, f in enumerate(fused):
+        diff = np.abs(grid[32 * i:32 * (i + 1), 64:96] - crop_center(f, 32))
+        assert diff.max() <= 12 / 255 and diff.mean() < 1 / 255, \
+            f"pair {i}: evaluator vs dmfuse fuse: {255 * diff.max():.1f} levels max, {255 * diff.mean():.2f} mean"
     assert main(["export", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle"),
                  "--no-artefact"]) == 0
     assert main(["convert-npz", "--checkpoint", str(wd), "--step", "best", "--out", str(tmp_path / "bundle2")]) == 0
@@ -289,8 +293,8 @@ def test_stage1_evaluators_diffusion_loss_and_sample_grid(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_split_the_metrics_and_agree(runs):
-    """2 processes (1 CPU device each, loopback): pair i is scored on process i % 2 and gathered; the
-    values equal the 1-process run's and only process 0 writes."""
+    """2 processes (loopback, 2 forced host devices each: a 4-device mesh): pair i is scored on process
+    i % 2 and gathered; the values equal the 1-process (2-device) run's and only process 0 writes."""
     from test_multiprocess import free_port, wait_all
 
     root = runs["root"]

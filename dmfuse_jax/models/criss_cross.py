@@ -46,7 +46,7 @@ def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 # resolution CAIM of a 256x256 pair took 0.45 s against 0.97 s, of a 576x768 pair 6.6 s against
 # 23.5 s (forward, same run, load 24; temporaries 39 against 388 MiB and 236 against 6,564 MiB).
 DENSE_MAX_BYTES = 1 << 22
-# Blockwise: each lax.map step holds about this many bytes of energies (rows or columns per step
+# Blockwise: each lax.scan step holds about this many bytes of energies (rows or columns per step
 # are chosen from it; at least one row or column). 1 to 16 MiB ran alike on CPU; 64 MiB 1.5x slower.
 BLOCK_BYTES = 1 << 22
 

@@ -4,6 +4,8 @@ fits `dmfuse fuse` and the Python API stop with one line before any image is fus
 the plan and writes nothing. Tiny config, random params, small crops of a real pair."""
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -135,6 +137,12 @@ def test_cli_plan_prints_and_writes_nothing_and_too_large_exits_2_before_fusing(
     out = capsys.readouterr().out
     assert "a.png" in out and "bucket 128x64" in out and "UNet passes" in out and "largest square" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "--plan wrote an image"
+    # fusing after planning: the plan's compile time is inside the summary's total
+    assert main(args[:-5] + ["--out", str(tmp_path / "fused"), "--no-progress", "--bucket", "64"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    total = float(re.search(r"in ([0-9.]+) s", summary).group(1))
+    compile_s = float(re.search(r"took ([0-9.]+) s", summary).group(1))
+    assert (tmp_path / "fused" / "a.png").exists() and compile_s <= total, summary
     _patch_free(monkeypatch, 1000)
     traces = fuser_mod.TRACE_COUNT[0]
     assert main(args) == 2

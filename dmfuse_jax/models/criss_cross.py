@@ -43,11 +43,12 @@ def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 
 
 # 'auto' off GPU runs the dense reference while its energies (B, H, W, H + W) float32 take at most
-# this many bytes (one block's worth: the same work, bit for bit the reference), the blockwise one
-# above. On CPU the blockwise one is faster even at 256x256 (its blocks stay in cache): the full-
-# resolution CAIM of a 256x256 pair took 0.24 s against 0.44 s, of a 576x768 pair 3.1 s against 20 s.
-DENSE_MAX_BYTES = 1 << 22
-# Blockwise: each lax.map step holds about this many bytes of energies (rows or columns per step
+# this many bytes, the blockwise one above. In the whole fuse at 256x256 (2 x 256 MiB of energies)
+# the dense one was faster (4.4 against 4.6 to 5.2 s per pair, same run, load 6 to 8), at 576x768
+# the blockwise one (the whole fuse 16.7 against 31.1 s; the full-resolution CAIM alone 6.6 against
+# 23.5 s, temporaries 236 against 6,564 MiB). Memory stays linear: at most this much is dense.
+DENSE_MAX_BYTES = 1 << 29
+# Blockwise: each lax.scan step holds about this many bytes of energies (rows or columns per step
 # are chosen from it; at least one row or column). 1 to 16 MiB ran alike on CPU; 64 MiB 1.5x slower.
 BLOCK_BYTES = 1 << 22
 

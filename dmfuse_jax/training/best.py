@@ -87,12 +87,16 @@ class BestCheckpoint:
         value = float(scalars[self.metric])
         if not self.better(value) or step in self.manager.all_steps():
             return False
-        from dmfuse_jax.training.checkpoint import weight_checksums
+        import jax
+
+        from dmfuse_jax.training.checkpoint import CHECKSUM, array_hashes, leaf_names
 
         t = time.perf_counter()
         weights, _ = state.split_items()
+        # the same content hashes as the regular checkpoints (checkpoint.array_hashes), in the meta
         meta = {"step": int(step), "metric": self.metric, "mode": self.mode, "value": value,
-                "checksums": weight_checksums(weights)}
+                "checksum": CHECKSUM, "checksum_names": leaf_names(weights),
+                "checksums": [int(h) for h in jax.device_get(array_hashes(weights))]}
         self.manager.save(step, force=True, metrics={"value": value}, args=ocp.args.Composite(
             weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)))
         self.step, self.value = int(step), value
@@ -132,8 +136,8 @@ def load_best_params(workdir, ema: bool = False):
     `checkpoint.load_params`), after checking their checksums. UserError when there is none."""
     import orbax.checkpoint as ocp
 
-    from dmfuse_jax.training.checkpoint import (_quiet, _restore_host_item, assemble_params, load_workdir_config,
-                                                verify_checksums)
+    from dmfuse_jax.training.checkpoint import (_quiet, _restore_host_item, assemble_params, check_checksum_kind,
+                                                compare_hashes, host_hashes, leaf_names, load_workdir_config)
 
     load_workdir_config(workdir)
     directory = Path(workdir) / BEST_DIR
@@ -149,7 +153,11 @@ def load_best_params(workdir, ema: bool = False):
         with _quiet():
             meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         try:
-            verify_checksums(weights, meta["checksums"], str(directory / str(step)))
+            where = str(directory / str(step))
+            check_checksum_kind(meta, where)
+            if meta.get("checksum_names") != leaf_names(weights):
+                raise ValueError(f"{where}/weights: arrays differ from the recorded ones")
+            compare_hashes(meta["checksum_names"], host_hashes(weights), meta["checksums"], f"{where}/weights")
         except Exception as e:  # noqa: BLE001 - damaged best checkpoint: say so, never fall back silently
             raise UserError(f"{directory / str(step)}: the best checkpoint fails its check: {e}") from None
         return assemble_params(weights, ema), step

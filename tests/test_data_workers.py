@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dmfuse_jax.errors import EXIT_PREEMPTED
 from dmfuse_jax.data import fusion_pairs as fp
 from dmfuse_jax.data import pipeline as pl
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform
@@ -96,7 +97,7 @@ def test_fusion_training_with_workers_resumes_and_reuses_compiled_step(tmp_path)
     first = T.start_training("fusion", work, extra, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "2"})
     wait_for(first, work, "HANG at step 2")
     first.send_signal(signal.SIGTERM)
-    assert first.wait(TIMEOUT) == 0, T.read_log(work)[-3000:]
+    assert first.wait(TIMEOUT) == EXIT_PREEMPTED, T.read_log(work)[-3000:]  # preempted: checkpoint saved
     log1 = T.read_log(work)
     assert "stopped by SIGTERM at step 2" in log1, log1[-3000:]
     cache = tmp_path / "cache" / "dmfuse_jax" / "xla"

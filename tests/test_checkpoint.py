@@ -331,6 +331,7 @@ def fusion_runs(tmp_path_factory):
     return dict(root=root, rc_kill=rc_kill, left=left, rc=rc)
 
 
+@pytest.mark.slow  # CI budget: stage-1 SIGKILL resume and the fusion-stage SIGTERM resume (test_data_workers) stay in CI
 def test_fusion_sigkill_after_checkpoint_resumes_exactly(fusion_runs):
     from dmfuse_jax.training.checkpoint import load_params
     root = fusion_runs["root"]

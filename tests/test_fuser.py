@@ -229,6 +229,7 @@ def test_merge_buckets_covers_every_image_with_at_most_max_buckets():
         buckets.merge_buckets(base, 0)
 
 
+@pytest.mark.slow  # CI budget: test_fuse_cli's mixed-size folder test covers bucket merging end to end
 def test_mixed_size_folder_compiles_at_most_max_buckets_times(tiny_config, tiny_params):
     from dmfuse_jax.inference import fuser as fuser_mod
 

@@ -86,6 +86,7 @@ def test_dry_run_prints_each_hosts_command(script, args, env, hosts):
         assert all("JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2" in l for l in per_host)
 
 
+@pytest.mark.slow  # CI budget: two processes on loopback train in test_multiprocess; the dry runs stay
 def test_local_cpu_processes_trains_with_two_processes_and_workers(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -129,6 +129,9 @@ def test_roadscene_configs_are_the_shipped_runs_commands():
     for name, (base, overrides) in runs.items():
         ours = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{name}.py")).to_dict())
         want = traverse_util.flatten_dict(load_config(str(REPO_ROOT / "configs" / f"{base}.py"), overrides).to_dict())
+        # evals, the best checkpoint and previews observe a run without changing its params (issue 22's
+        # bit-identity test); the shipped runs predate them
+        observe = {"name", "evals", "checkpoint", "preview_every_steps"}
         diff = {k: (ours.get(k), want.get(k)) for k in set(ours) | set(want)
-                if k != ("name",) and ours.get(k) != want.get(k)}
+                if k[0] not in observe and ours.get(k) != want.get(k)}
         assert not diff, f"configs/{name}.py differs from {base} + the run's overrides: {diff}"

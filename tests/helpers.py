@@ -129,3 +129,22 @@ def init_dmfuse_params(model, seed: int = 0, size: int = 32):
 
     x = jnp.zeros((1, size, size, 1), jnp.float32)
     return init_params(model, seed, x, x, method=model.init_all)
+
+
+def golden_caim_params():
+    """(CAIM params of the released head with gamma = 1, the golden CAIM vectors): the authors'
+    PyTorch CAIM inputs and outputs, for every criss-cross implementation's parity test."""
+    import jax
+    import numpy as np
+
+    from conftest import GOLDEN, WEIGHTS
+    from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
+    from dmfuse_jax.models.fusion_head import FusionHead
+
+    golden = np.load(GOLDEN / "caim_gamma1_io.npz")
+    h = np.load(GOLDEN / "fusion_head_io.npz")
+    ir = [h[f"ir_level{i}"] for i in range(1, 6)]
+    vi = [h[f"vi_level{i}"] for i in range(1, 6)]
+    template = jax.eval_shape(lambda: FusionHead().init(jax.random.PRNGKey(0), ir, vi))["params"]
+    head = convert_fusion_head(load_torch_state_dict(str(WEIGHTS / "dmfuse_fusion_head.pth")), template)
+    return dict(head["crossatten"], gamma=np.ones(1, np.float32)), golden

@@ -14,7 +14,8 @@ import pytest
 from dmfuse_jax.models import criss_cross as cc
 from dmfuse_jax.models.criss_cross import criss_cross_blockwise, criss_cross_reference
 
-from conftest import GOLDEN, WEIGHTS
+
+from helpers import golden_caim_params
 
 
 def _inputs(shape, cq=4, cv=32, seed=0):
@@ -111,16 +112,9 @@ def test_auto_off_gpu_is_dense_for_small_maps_and_blockwise_above(monkeypatch):
 
 def test_caim_blockwise_matches_authors_golden_vectors(monkeypatch):
     """The released CAIM weights with gamma = 1, blockwise with one line per block."""
-    from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
-    from dmfuse_jax.models.fusion_head import CAIM, FusionHead
+    from dmfuse_jax.models.fusion_head import CAIM
 
-    golden = np.load(GOLDEN / "caim_gamma1_io.npz")
-    h = np.load(GOLDEN / "fusion_head_io.npz")
-    ir = [h[f"ir_level{i}"] for i in range(1, 6)]
-    vi = [h[f"vi_level{i}"] for i in range(1, 6)]
-    template = jax.eval_shape(lambda: FusionHead().init(jax.random.PRNGKey(0), ir, vi))["params"]
-    head = convert_fusion_head(load_torch_state_dict(str(WEIGHTS / "dmfuse_fusion_head.pth")), template)
-    params = dict(head["crossatten"], gamma=np.ones(1, np.float32))
+    params, golden = golden_caim_params()
     monkeypatch.setattr(cc, "BLOCK_BYTES", 1)
     with jax.default_matmul_precision("float32"):
         out_x, out_y = jax.jit(lambda p, x, y: CAIM(impl="blockwise").apply({"params": p}, x, y))(

@@ -17,7 +17,8 @@ from dmfuse_jax.models import criss_cross_pallas as ccp
 from dmfuse_jax.models.criss_cross import criss_cross_attention, criss_cross_reference
 from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
 
-from conftest import GOLDEN, WEIGHTS
+
+from helpers import golden_caim_params
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -101,16 +102,9 @@ def test_dispatcher_picks_reference_off_gpu_and_honours_forcing(monkeypatch):
 
 def test_caim_through_kernel_matches_authors_golden_vectors():
     """The released CAIM weights with gamma = 1 (attention dominates) against the authors' PyTorch."""
-    from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
-    from dmfuse_jax.models.fusion_head import CAIM, FusionHead
+    from dmfuse_jax.models.fusion_head import CAIM
 
-    golden = np.load(GOLDEN / "caim_gamma1_io.npz")
-    h = np.load(GOLDEN / "fusion_head_io.npz")
-    ir = [h[f"ir_level{i}"] for i in range(1, 6)]
-    vi = [h[f"vi_level{i}"] for i in range(1, 6)]
-    template = jax.eval_shape(lambda: FusionHead().init(jax.random.PRNGKey(0), ir, vi))["params"]
-    head = convert_fusion_head(load_torch_state_dict(str(WEIGHTS / "dmfuse_fusion_head.pth")), template)
-    params = dict(head["crossatten"], gamma=np.ones(1, np.float32))
+    params, golden = golden_caim_params()
     with jax.default_matmul_precision("float32"):  # no TF32 on GPUs
         out_x, out_y = jax.jit(lambda p, x, y: CAIM(impl="pallas").apply({"params": p}, x, y))(
             params, golden["x"], golden["y"])

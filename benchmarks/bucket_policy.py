@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         for shape in dict.fromkeys(s for s, _ in plan):
             f._executable(*shape)  # compile only, as the first batch of `dmfuse fuse` would
         row = dict(max_buckets=k, compiled=[list(s) for s in f.stats["compiled"]],
-                   compilations=len(f.stats["compiled"]), compile_s=f.stats["compile_s"],
+                   compilations=len(f.stats["compiled"]), compile_s=f.stats["executables_s"],
                    padded_area=sum(bucket_of[i][1] * bucket_of[i][2] for i in range(len(irs)))
                    / sum(x.shape[0] * x.shape[1] for x in irs))
         for seed in ((0, 1) if k == policies[0] else (0,)):

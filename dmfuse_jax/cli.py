@@ -8,7 +8,10 @@ Modules are imported lazily so `dmfuse info` does not pay for the training stack
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 
 from dmfuse_jax.errors import UserError
@@ -38,8 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "jax_rocm6_plugin")
+
+
+def skip_absent_tpu() -> bool:
+    """With the `tpu` extra (libtpu) installed on a machine without a TPU, jax probes for one at
+    every start and prints a screen of warnings; then, and only then (no TPU device file, no GPU
+    plugin, JAX_PLATFORMS unset), run on the CPU. Returns True when it set JAX_PLATFORMS=cpu."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return False
+    if any(importlib.util.find_spec(m) is not None for m in GPU_PLUGINS):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    skip_absent_tpu()
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):

@@ -19,6 +19,8 @@ the same options, on CPU too), used by `dmfuse train` and `dmfuse fuse`. The fol
 $XDG_CACHE_HOME/dmfuse_jax/xla (~/.cache/dmfuse_jax/xla); `DMFUSE_COMPILATION_CACHE=off` (or 0)
 turns it off, `DMFUSE_COMPILATION_CACHE=/some/dir` moves it, and so does the commands'
 `--compilation-cache off|DIR`. A cache configured for JAX itself (JAX_COMPILATION_CACHE_DIR) is left alone.
+The same folder's `executables/` holds dmfuse's own executable cache (`executable_cache.py`), which
+a warm `dmfuse fuse` loads from without tracing.
 """
 from __future__ import annotations
 
@@ -84,6 +86,16 @@ def default_cache_dir() -> str:
 
 
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> str | None:
+    """See `_enable`; also points dmfuse's executable cache (`executable_cache.py`) at
+    FOLDER/executables, or turns it off with the persistent cache."""
+    from dmfuse_jax import executable_cache
+
+    folder = _enable(path)
+    executable_cache.configure(folder)
+    return folder
+
+
+def _enable(path: str | os.PathLike | None) -> str | None:
     """Turns on JAX's persistent compilation cache for this process; returns its folder, or None
     when it is off. Call it before the first compile.
 

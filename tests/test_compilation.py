@@ -1,6 +1,8 @@
 """dmfuse_jax.compilation: the per-jit XLA options (YNNPACK convolutions off on CPU)."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,27 @@ def test_persistent_cache_switches(cache_config, tmp_path):
     assert compilation.enable_persistent_cache(tmp_path / "mine") == str(tmp_path / "mine")  # the flag turns it on
     assert jax.config.jax_enable_compilation_cache
     assert compilation.enable_persistent_cache("off") is None and not jax.config.jax_enable_compilation_cache
+
+
+def test_cli_runs_on_cpu_without_probing_for_an_absent_tpu(monkeypatch):
+    """libtpu installed (the tpu extra), no TPU device file, no GPU plugin: the CLI picks the CPU
+    itself (no libtpu warnings); a TPU device file, a GPU plugin or JAX_PLATFORMS leave jax alone."""
+    import importlib.util
+
+    from dmfuse_jax import cli
+
+    real = importlib.util.find_spec
+    specs = {"libtpu": object()}
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: specs.get(name) if name in
+                        ("libtpu", *cli.GPU_PLUGINS) else real(name))
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert cli.skip_absent_tpu() and os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert not cli.skip_absent_tpu() and "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: [])
+    specs["jax_cuda12_plugin"] = object()
+    assert not cli.skip_absent_tpu() and "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not cli.skip_absent_tpu() and os.environ["JAX_PLATFORMS"] == "cuda"

@@ -139,9 +139,9 @@ def test_cli_plan_prints_and_writes_nothing_and_too_large_exits_2_before_fusing(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "--plan wrote an image"
     # fusing after planning: the plan's compile time is inside the summary's total
     assert main(args[:-5] + ["--out", str(tmp_path / "fused"), "--no-progress", "--bucket", "64"]) == 0
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
-    total = float(re.search(r"in ([0-9.]+) s", summary).group(1))
-    compile_s = float(re.search(r"took ([0-9.]+) s", summary).group(1))
+    summary = capsys.readouterr().out
+    total = float(re.search(r"fused 1 pair\(s\) in ([0-9.]+) s", summary).group(1))
+    compile_s = float(re.search(r"phases: .*executables ([0-9.]+)", summary).group(1))
     assert (tmp_path / "fused" / "a.png").exists() and compile_s <= total, summary
     _patch_free(monkeypatch, 1000)
     traces = fuser_mod.TRACE_COUNT[0]

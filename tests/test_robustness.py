@@ -110,6 +110,34 @@ def test_one_flipped_byte_in_a_bundle_exits_2_naming_the_file_and_the_array(tmp_
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_flat_version_3_bundle_names_a_flipped_byte_and_a_truncated_file(tmp_path):
+    """Bundles are written as version 3 (one params.bin); the quickstart test bundle above is a version 2
+    (orbax) bundle, which is still read."""
+    from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.inference.params import random_params
+
+    config = load_config(str(ROOT / "configs" / "tiny.py"))
+    params = random_params(config, 0)
+    out = bundle_lib.save_bundle(tmp_path / "b", config, params, store_dtype="bfloat16")
+    assert bundle_lib.read_meta(out)["version"] == 3 and (out / bundle_lib.PARAMS_FILE).is_file()
+    assert not (out / bundle_lib.PARAMS_DIR).exists()
+    _, back, _ = bundle_lib.load_bundle(out)
+    import jax
+    import jax.numpy as jnp
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a).astype(jnp.bfloat16).astype(np.float32), b)
+    data = out / bundle_lib.PARAMS_FILE
+    flip_byte(data, data.stat().st_size // 2)
+    with pytest.raises(UserError, match=r"params.bin: array \['\w+'\].* fails its sha256 check"):
+        bundle_lib.load_bundle(out)
+    flip_byte(data, data.stat().st_size // 2)
+    bundle_lib.load_bundle(out)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 10)
+    with pytest.raises(UserError, match="past the end of the file"):
+        bundle_lib.load_bundle(out)
+
+
 def test_shipped_bundles_carry_the_manifest_and_a_bundle_without_one_is_refused(tmp_path):
     from dmfuse_jax.inference.checkpoints import DEFAULT_BUNDLE
 

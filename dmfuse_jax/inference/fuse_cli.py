@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the largest square that fits) and exit without fusing")
     from dmfuse_jax.compilation import add_cache_argument
     add_cache_argument(p)
+    p.add_argument("--timings-json", default=None, metavar="FILE",
+                   help="write the start-up phases (seconds from the process start) and counts as JSON to FILE")
 
 
 def collect_pairs(ir: str, vis: str, out: str) -> list[tuple[str, Path, Path, Path]]:
@@ -139,6 +141,7 @@ def memory_plan(fuser, plan, pairs, sizes, show: bool) -> bool:
         if show:
             raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
         return False
+    fuser.prepare([shape for shape, _ in plan])  # the buckets' executables, compiled side by side
     for b, hb, wb in dict.fromkeys(shape for shape, _ in plan):
         idx = [i for shape, ids in plan if shape == (b, hb, wb) for i in ids]
         names = sorted({f"{sizes[i][1]}x{sizes[i][0]}" for i in idx})
@@ -152,9 +155,22 @@ def memory_plan(fuser, plan, pairs, sizes, show: bool) -> bool:
     return show
 
 
+# Start-up phases (`startup.Phases`) that make up the model's compile/load time.
+LOAD_PHASES = ("bundle", "executables")
+
+
 def run(args) -> int:
     from dmfuse_jax.data.images import read_image, write_image_atomic
     from dmfuse_jax.inference import colour
+    from dmfuse_jax.startup import Phases
+
+    phases = Phases()
+    uses_model = args.method is None or args.method in MODEL_METHODS
+    if uses_model:
+        import jax  # noqa: F401 - imported here so that its import is a phase of its own
+
+        from dmfuse_jax.inference import fuser as _  # noqa: F401
+    phases.mark("imports")
 
     if args.plan and args.method is not None:
         raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
@@ -168,6 +184,7 @@ def run(args) -> int:
     for folder in sorted({out.parent for _, _, _, out in pairs}):
         check_output_path(folder, "--out", folder=True)
     sizes = check_pairs(pairs, args.resize)
+    phases.mark("inputs")
 
     t_load = time.perf_counter()
     if args.method in MODEL_METHODS:
@@ -194,11 +211,14 @@ def run(args) -> int:
             print(note)
         what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed or 0})"
     t_load = time.perf_counter() - t_load
+    phases.mark("bundle")
 
     plan = fuser.plan(sizes, args.batch_size)
     n_buckets = len({shape for shape, _ in plan})
     t0 = time.perf_counter()  # the plan compiles the executables: counted as compile time below
-    if memory_plan(fuser, plan, pairs, sizes, args.plan):
+    planned = memory_plan(fuser, plan, pairs, sizes, args.plan)
+    phases.mark("executables")  # and the memory plan, which reads their needs
+    if planned:
         return 0
 
     def load(idx):
@@ -215,6 +235,8 @@ def run(args) -> int:
         for i, pair, fused in zip(idx, prepared, pending.result()):
             write_image_atomic(pairs[i][3], colour.finish(fused, pair))
         bar.update(len(idx))
+        if "first batch" not in phases.seconds:
+            phases.mark("first batch")
 
     from tqdm import tqdm
 
@@ -247,13 +269,29 @@ def run(args) -> int:
     finally:
         bar.close()
     total = time.perf_counter() - t0
-    compile_s = fuser.stats["compile_s"]
-    run_s = max(total - compile_s, 1e-9)
-    compiled = len(fuser.stats["compiled"])
+    phases.mark("rest")
     out_where = pairs[0][3].parent if len(pairs) > 1 else pairs[0][3]
-    compiling = (f"{compiled} compilation(s) took {compile_s:.2f} s, fusing {run_s:.2f} s = "
-                 f"{len(pairs) / run_s:.2f} pairs/s ({1e3 * run_s / len(pairs):.1f} ms/pair); "
-                 f"model load {t_load:.2f} s") if args.method is None or args.method in MODEL_METHODS else \
-        f"{1e3 * total / len(pairs):.1f} ms/pair"
-    print(f"fused {len(pairs)} pair(s) in {total:.2f} s ({len(pairs) / total:.2f} pairs/s); {compiling} -> {out_where}")
+    if uses_model:
+        st = fuser.stats
+        load_s = sum(phases.seconds.get(k, 0.0) for k in LOAD_PHASES)
+        run_s = max(total - phases.seconds.get("executables", 0.0), 1e-9)
+        got = f"{len(st['compiled'])} compiled" + (f", {len(st['loaded'])} loaded from the executable cache"
+                                                   if st.get("loaded") else "")
+        parts = ", ".join(f"{k} {st[k + '_s']:.2f}" for k in ("trace", "lower", "compile", "load") if st.get(k + "_s"))
+        for note in getattr(fuser, "notes", []):
+            print(note)
+        print(f"fused {len(pairs)} pair(s) in {total:.2f} s; fusing {run_s:.2f} s = {len(pairs) / run_s:.2f} pairs/s "
+              f"({1e3 * run_s / len(pairs):.1f} ms/pair) -> {out_where}")
+        print(f"start-up {phases.total() - phases.seconds['rest']:.2f} s to the first batch written: model and "
+              f"executables {load_s:.2f} s ({got}{'; ' + parts + ' s over all threads' if parts else ''}); "
+              f"phases: {phases.line()} s")
+    else:
+        print(f"fused {len(pairs)} pair(s) in {total:.2f} s ({len(pairs) / total:.2f} pairs/s); "
+              f"{1e3 * total / len(pairs):.1f} ms/pair -> {out_where}")
+    if args.timings_json:
+        st = getattr(fuser, "stats", {})
+        phases.counts.update(pairs=len(pairs), buckets=n_buckets, compiled=len(st.get("compiled", [])),
+                             loaded=len(st.get("loaded", [])),
+                             **{f"{k}_s_all_threads": st.get(f"{k}_s", 0.0) for k in ("trace", "lower", "compile", "load")})
+        phases.write_json(args.timings_json, load_phases=list(LOAD_PHASES))
     return 0

@@ -21,6 +21,7 @@ needed, bytes available, the largest square that would fit) before any image of 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -31,7 +32,7 @@ from dmfuse_jax import compilation
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import buckets, colour
 from dmfuse_jax.inference.colour import FuseInputError  # noqa: F401 - part of the API (bad arrays)
-from dmfuse_jax.inference.params import cached_model, check_params_fit, config_key
+from dmfuse_jax.inference.params import cached_model, check_params_fit, config_key, param_signature
 from dmfuse_jax.inference.params import random_params  # noqa: F401 - part of the API (random models)
 
 # Incremented each time the fuse function is traced (a Python side effect runs only while tracing):
@@ -85,6 +86,7 @@ def fuse_function(model, input_range: str, passes: str = "batched") -> Callable:
 
 # (config key, batch, height, width) -> compiled executable, for the whole process.
 _EXECUTABLES: dict[tuple, Any] = {}
+_STATS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=32)
@@ -121,8 +123,13 @@ class PairFusion:
 
     mode: str = "auto"
     sixteen_bit: str = "minmax"
-    # compile seconds and compiled (batch, height, width) shapes of this instance
-    stats: dict = field(default_factory=lambda: {"compile_s": 0.0, "compiled": []}, init=False, repr=False)
+    # executables of this instance: 'compiled' and 'loaded' (from the executable cache) shapes;
+    # seconds: 'executables_s' in all = 'trace_s' + 'lower_s' + 'compile_s' (XLA, or JAX's cache) + 'load_s'
+    stats: dict = field(default_factory=lambda: {"executables_s": 0.0, "compiled": [], "loaded": [], "trace_s": 0.0,
+                                                 "lower_s": 0.0, "compile_s": 0.0, "load_s": 0.0},
+                        init=False, repr=False)
+    # one-line notes for the user (e.g. an executable-cache entry that was not used)
+    notes: list = field(default_factory=list, init=False, repr=False)
 
     def dispatch(self, irs: Sequence[np.ndarray], vis: Sequence[np.ndarray], batch: int | None = None,
                  shape: tuple[int, int] | None = None) -> Pending:
@@ -193,6 +200,7 @@ class Fuser(PairFusion):
         if self.passes not in ("auto", "batched", "sequential"):
             raise ValueError(f"passes {self.passes!r}: expected auto, batched or sequential")
         self._device_params = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params))
+        self._param_sig = param_signature(self._device_params)
 
     def bucket_multiple(self) -> int:
         return self.bucket
@@ -201,8 +209,12 @@ class Fuser(PairFusion):
         return self.max_buckets or None
 
     def _executable(self, b: int, hb: int, wb: int, passes: str = "batched"):
+        """The compiled fuse function of one (batch, bucket, passes): from this process's table, else
+        the executable cache (`executable_cache.py`: loaded without tracing), else compiled."""
         import jax
         import jax.numpy as jnp
+
+        from dmfuse_jax import executable_cache
 
         shape = (b, hb, wb) if passes == "batched" else (b, hb, wb, passes)
         key = (self._key,) + shape
@@ -210,12 +222,40 @@ class Fuser(PairFusion):
         if exe is None:
             t = time.perf_counter()
             img = jax.ShapeDtypeStruct((b, hb, wb, 1), jnp.float32)
-            exe = _jitted(self._key, passes).lower(self._device_params, img, img,
-                                                   jax.ShapeDtypeStruct((), jnp.int32)).compile()
-            _EXECUTABLES[key] = exe
-            self.stats["compile_s"] += time.perf_counter() - t
-            self.stats["compiled"].append(shape)
+            seed = jax.ShapeDtypeStruct((), jnp.int32)
+            program = {"fn": "fuse", "config": self._key, "passes": passes, "batch": b, "height": hb, "width": wb,
+                       "params": self._param_sig}
+            in_tree = jax.tree_util.tree_structure(((self._device_params, 0, 0, 0), {}))
+            out_tree = jax.tree_util.tree_structure(0)
+            timings: dict = {}
+            exe = executable_cache.load_or_compile(
+                "fuse", program, lambda: _jitted(self._key, passes).trace(self._device_params, img, img, seed),
+                in_tree, out_tree, notes=self.notes, timings=timings)
+            with _STATS_LOCK:  # `prepare` gets executables from several threads
+                _EXECUTABLES[key] = exe
+                for k in ("trace_s", "lower_s", "compile_s", "load_s"):
+                    self.stats[k] += timings.get(k, 0.0)
+                self.stats["executables_s"] += time.perf_counter() - t
+                self.stats["loaded" if timings.get("loaded") else "compiled"].append(shape)
         return exe
+
+    def prepare(self, shapes: Sequence[tuple[int, int, int]], workers: int | None = None) -> None:
+        """Gets the batched executables of (batch, height, width) `shapes` ready at once: loaded, or
+        compiled in `workers` threads (default: one per CPU core, at most one per shape). XLA compiles
+        outside the GIL, so a folder's buckets compile side by side instead of one after another;
+        `memory_plan` and `dispatch` then find them ready. Results are those of a serial compile."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [s for s in dict.fromkeys(tuple(s) for s in shapes) if (self._key,) + s not in _EXECUTABLES]
+        workers = min(len(todo), workers or os.cpu_count() or 1)
+        if workers <= 1:
+            for s in todo:
+                self._executable(*s)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(self._executable, *s) for s in todo]:
+                f.result()
 
     def memory_plan(self, batch: int, height: int, width: int, ceiling: bool = False) -> "memory.MemoryPlan":
         """How a batch of `batch` images padded to (height, width) (a bucket) will run: the batch and

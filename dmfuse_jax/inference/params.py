@@ -35,8 +35,7 @@ def cached_model(key: str):
     return build_dmfuse(config, config.model.get("dtype", "float32")), config
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shapes(key: str):
+def _traced_param_shapes(key: str):
     import jax
     import jax.numpy as jnp
 
@@ -47,9 +46,39 @@ def _param_shapes(key: str):
     return jax.eval_shape(lambda: model.init(rngs, x, x, method=model.init_all))["params"]
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(key: str):
+    """Traced once per config and stored in the executable cache (when on), as tracing the model's
+    init costs seconds for the paper-size UNet and a warm start should not pay it."""
+    import jax
+    from flax import traverse_util
+
+    from dmfuse_jax import executable_cache
+
+    def compute():
+        flat = traverse_util.flatten_dict(_traced_param_shapes(key), sep="/")
+        return {k: [list(v.shape), str(v.dtype)] for k, v in flat.items()}
+
+    if executable_cache.folder() is None:
+        return _traced_param_shapes(key)
+    flat = executable_cache.cached_json("param_shapes", {"config": key}, compute)
+    return traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(tuple(s), d) for k, (s, d) in flat.items()}, sep="/")
+
+
 def param_shapes(config) -> Any:
     """The param tree of `config`'s model as ShapeDtypeStructs (traced, never computed)."""
     return _param_shapes(config_key(config))
+
+
+def param_signature(params) -> str:
+    """sha256 of a param tree's paths, shapes and dtypes (what a compiled function's inputs are)."""
+    import hashlib
+
+    import jax
+
+    rows = [(jax.tree_util.keystr(k), tuple(np.shape(a)), str(getattr(a, "dtype", np.asarray(a).dtype)))
+            for k, a in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def random_params(config, seed: int = 0) -> dict:

@@ -235,8 +235,11 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     saved) and SaveFailed (disk full, quota, permission while saving)."""
     from tqdm import tqdm
 
+    from dmfuse_jax.startup import Phases
     from dmfuse_jax.training.checkpoint import Checkpointer, PreemptionWatch
 
+    phases = Phases()  # the start-up line printed after the first step (benchmarks/startup.py reads it)
+    phases.mark("imports")  # and the config, up to here
     workdir = Path(workdir)
     chief = jax.process_index() == 0
     source, transform = stage.train_source(workdir)
@@ -260,6 +263,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     # Evals (issue 22): built, their data read and checked, before any restore or step.
     from dmfuse_jax.training.evals import EvalRunner
     evals = EvalRunner(config, stage, trainer, total, workdir)
+    phases.mark("setup")
     restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_sharding, data_iter)
     if restored is None:
         state, start = trainer.init_state(), 0
@@ -270,8 +274,10 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
     if chief:
         trim_metrics(workdir, start)
 
+    phases.mark("restore")
     t0 = time.perf_counter()
     train_step = trainer.compile()
+    phases.mark("compile")
     if chief:
         print(f"train step compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     evals.start(start)
@@ -293,6 +299,10 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                 batch = trainer.place(next(data_iter))
                 state, metrics = train_step(state, batch)
                 step += 1
+                if step == start + 1 and chief:  # one host sync, once: when the first step is done
+                    jax.block_until_ready(metrics)
+                    phases.mark("first step")
+                    tqdm.write(f"start-up {phases.total():.2f} s to the first step: {phases.line()} s", file=sys.stdout)
                 pending.append(metrics)
                 guard.add(step, metrics)
                 bar.update(1)

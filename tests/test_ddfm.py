@@ -279,3 +279,15 @@ def test_method_is_checked_at_parse_time_and_library_errors_name_parameters(tmp_
     assert main(["fuse", "--method", "average", "--steps", "3", "--ir", str(ir), "--vis", str(vi),
                  "--out", str(tmp_path / "o")]) == 2
     assert "--steps is a --method ddfm option" in capsys.readouterr().err
+
+
+def test_fuse_method_ddfm_turns_on_the_compilation_cache_first(tmp_path, capsys, monkeypatch):
+    """--compilation-cache reaches the ddfm path, before the prior loads (and so before any compile)."""
+    from dmfuse_jax import compilation
+    calls = []
+    monkeypatch.setattr(compilation, "enable_persistent_cache", lambda path=None: calls.append(path))
+    ir, vi = _pair(tmp_path, 8, 8)
+    rc = main(["fuse", "--method", "ddfm", "--prior", str(tmp_path / "nope.pt"), "--compilation-cache",
+               str(tmp_path / "xla"), "--ir", str(ir), "--vis", str(vi), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "nope.pt: no such prior" in capsys.readouterr().err
+    assert calls == [str(tmp_path / "xla")]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DATA, ROOT
 
-CONFIGS = ("ddfm_tiny", "ddfm_openai256")
+CONFIGS = ("ddfm_tiny", "ddfm_openai256", "ddfm_sr3")
 
 
 def _config(name="ddfm_tiny"):
@@ -158,3 +158,21 @@ def test_one_em_default_the_authors():
     assert (Sampler.lamb, Sampler.rho) == (0.5, 0.001)
     for prior in ("guided_diffusion", "sr3"):
         assert dict(ddfm_config(prior).em) == {"lamb": 0.5, "rho": 0.001}
+
+
+def test_an_sr3_ddfm_config_sets_the_default_priors_sampling():
+    """configs/ddfm_sr3.py with the default prior (the bundled model's SR3 UNet): its settings are the
+    sampler's; without a DDFM config the same defaults apply."""
+    from dmfuse_jax.ddfm.config import ddfm_config
+    from dmfuse_jax.ddfm.fuser import DDFMFuser
+    from dmfuse_jax.ddfm.priors import load_prior
+    config = _config("ddfm_sr3")
+    assert config == ddfm_config(prior="sr3")
+    config.diffusion.timestep_respacing, config.em.lamb, config.em.rho, config.seed = "7", 0.25, 0.02, 5
+    config.diffusion.clip_denoised = False
+    prior = load_prior(None, config=config)
+    assert prior.kind == "sr3" and prior.config is config
+    f = DDFMFuser(prior=prior, progress=False)
+    assert (f.sampler.num_steps, f.sampler.lamb, f.sampler.rho, f.sampler.clip, f.seed_used) == (7, 0.25, 0.02, False, 5)
+    f = DDFMFuser(prior=load_prior(None), progress=False)
+    assert (f.sampler.num_steps, f.sampler.lamb, f.sampler.rho, f.sampler.clip, f.seed_used) == (100, 0.5, 0.001, True, 3407)

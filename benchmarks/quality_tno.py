@@ -79,7 +79,8 @@ def fuse(method: str, ir: Path, vi: Path, mode: str, out: Path, checkpoint: str 
     else:
         src = ["--method", method] if method != MODEL else (["--checkpoint", checkpoint] if checkpoint else [])
     if method == DDFM:
-        src += ["--steps", str(ddfm_steps)]
+        # --bucket 16 (the SR3 prior's stride): the least padding, as the published DDFM figures were run
+        src += ["--steps", str(ddfm_steps), "--bucket", "16"]
     argv = ["fuse", *src, "--mode", mode, "--ir", str(ir), "--vis", str(vi),
             "--out", str(out / method), "--batch-size", str(batch_size), "--no-progress"]
     print("dmfuse " + " ".join(argv), flush=True)

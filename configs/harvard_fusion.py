@@ -19,7 +19,7 @@ curve and the held-out scores. The shipped head is this run's step-400 params, s
 
   python -c "import dmfuse_jax; from dmfuse_jax.conversion.npz import save_npz; \
     save_npz('dmfuse_jax/assets/medical_head.npz', \
-             dmfuse_jax.load_params('workdirs/harvard_fusion', step=400)['head'], dtype='float16')"
+             dmfuse_jax.load_params('workdirs/harvard_fusion', ema=False, step=400)['head'], dtype='float16')"
 """
 from dmfuse_jax.data import harvard_split
 from dmfuse_jax.training import defaults

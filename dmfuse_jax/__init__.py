@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so `import dmfuse_jax` stays cheap):
   dmfuse_jax.load(checkpoint) -> Fuser          fuse numpy image pairs: fuser(ir, vis) -> fused
-  dmfuse_jax.load_params(workdir, ema=False)    params of a training workdir's latest checkpoint
+  dmfuse_jax.load_params(workdir, ema=None)     params of a training workdir's latest checkpoint (EMA if kept)
 """
 __version__ = "0.1.0"
 

@@ -7,7 +7,8 @@ program, at 2 FLOPs per multiply-add, from the operand and result shapes alone. 
 softmax, the optimizer) is not counted: it is memory-bound, and MFU conventionally leaves it out.
 
 Why not XLA's cost analysis: on GPU it does not see cuDNN convolutions and custom kernels (it reported
-19-28 GFLOP for a TNO pair that costs about 3.5 TFLOP), so the same model got a different count on
+19-28 GFLOP for a 576x768 TNO pair that costs 3.748 TFLOP: `fuse_pairs` of configs/dmfuse_quarter.py,
+benchmarks/RESULTS.md), so the same model got a different count on
 every backend. Here the program is traced with the portable implementations (`portable_config`:
 XLA self-attention, the jnp criss-cross reference), whose matmuls are exactly those the fused
 kernels perform, so the count does not depend on the backend or the implementation chosen.

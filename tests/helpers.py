@@ -53,17 +53,23 @@ def subprocess_env(cache_dir: str | os.PathLike | None = None, xla_flags: str = 
     return env
 
 
-def train_command(stage: str, workdir: str | os.PathLike, extra: list[str] | None = None) -> list[str]:
+def train_command(stage: str, workdir: str | os.PathLike, extra: list[str] | None = None,
+                  hang_after: int | None = None) -> list[str]:
+    """hang_after: run through tests/hang_train.py, which waits for a signal after that step."""
     path = PRETRAIN_CONFIG if stage == "pretrain" else FUSION_CONFIG
-    return ([sys.executable, "-m", "dmfuse_jax.training.train", "--config", path, "--workdir", str(workdir)]
+    launcher = ["-m", "dmfuse_jax.training.train"] if hang_after is None else \
+        [str(Path(__file__).with_name("hang_train.py")), str(int(hang_after))]
+    return ([sys.executable, *launcher, "--config", path, "--workdir", str(workdir)]
             + [f"--config.{o}" for o in TINY[stage] + list(extra or [])])
 
 
-def start_training(stage: str, workdir, extra=None, env=None, log: str | os.PathLike | None = None) -> subprocess.Popen:
-    """Starts a training run; stdout+stderr go to `log` (default: workdir.log)."""
+def start_training(stage: str, workdir, extra=None, env=None, log: str | os.PathLike | None = None,
+                   hang_after: int | None = None) -> subprocess.Popen:
+    """Starts a training run; stdout+stderr go to `log` (default: workdir.log). hang_after: after that
+    step (and its checkpoint) the run prints "HANG at step N" and waits for a signal (tests/hang_train.py)."""
     log = Path(log or f"{workdir}.log")
     f = open(log, "w")
-    return subprocess.Popen(train_command(stage, workdir, extra), stdout=f, stderr=subprocess.STDOUT,
+    return subprocess.Popen(train_command(stage, workdir, extra, hang_after), stdout=f, stderr=subprocess.STDOUT,
                             env=env or subprocess_env(), cwd=str(REPO_ROOT))
 
 

@@ -82,8 +82,8 @@ def runs(tmp_path_factory):
     assert finish(p_ref, ref) == 0, T.read_log(ref)[-3000:]
     # The interrupted runs start after the reference, so they reuse its compiled programs.
     kill, term = root / "kill", root / "term"
-    p_kill = T.start_training("pretrain", kill, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "4"})
-    p_term = T.start_training("pretrain", term, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "3"})
+    p_kill = T.start_training("pretrain", kill, env=env, hang_after=4)
+    p_term = T.start_training("pretrain", term, env=env, hang_after=3)
     wait_for(p_kill, kill, "HANG at step 4")
     second = T.start_training("pretrain", kill, env=env, log=root / "second.log")  # same workdir, at once
     rc_second = finish(second, kill)
@@ -322,7 +322,7 @@ def fusion_runs(tmp_path_factory):
     env = T.subprocess_env(root / "xla_cache")
     ref, kill = root / "reference", root / "kill"
     assert finish(T.start_training("fusion", ref, env=env), ref) == 0, T.read_log(ref)[-3000:]
-    p_kill = T.start_training("fusion", kill, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "2"})
+    p_kill = T.start_training("fusion", kill, env=env, hang_after=2)
     wait_for(p_kill, kill, "HANG at step 2")
     p_kill.send_signal(signal.SIGKILL)
     rc_kill = finish(p_kill, kill)

@@ -94,7 +94,7 @@ def test_fusion_training_with_workers_resumes_and_reuses_compiled_step(tmp_path)
         env.pop(key, None)
     work = tmp_path / "fusion"
     extra = ["data.worker_count=2", "total_steps=4", "checkpoint_every_steps=2"]
-    first = T.start_training("fusion", work, extra, env={**env, "DMFUSE_DEBUG_HANG_AFTER_STEP": "2"})
+    first = T.start_training("fusion", work, extra, env=env, hang_after=2)
     wait_for(first, work, "HANG at step 2")
     first.send_signal(signal.SIGTERM)
     assert first.wait(TIMEOUT) == EXIT_PREEMPTED, T.read_log(work)[-3000:]  # preempted: checkpoint saved

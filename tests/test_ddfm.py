@@ -186,10 +186,10 @@ def _pair(tmp_path, h=40, w=52):
 
 
 def test_fuse_method_ddfm_with_a_guided_diffusion_prior_file(tmp_path, capsys):
-    """--prior a .pth + a DDFM config; 37x50 is reflect-padded to 40x52 (stride 4) and cropped back."""
+    """--prior a .pth + a DDFM config; 37x50 is reflect-padded to 40x52 (--bucket 4, the stride) and cropped back."""
     ir, vi = _pair(tmp_path, 37, 50)
     rc = main(["fuse", "--method", "ddfm", "--prior", str(DDFM / "ddfm_unet_tiny.pth"),
-               "--config", str(ROOT / "configs" / "ddfm_tiny.py"), "--steps", "4", "--ir", str(ir),
+               "--config", str(ROOT / "configs" / "ddfm_tiny.py"), "--steps", "4", "--bucket", "4", "--ir", str(ir),
                "--vis", str(vi), "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0
     out = np.asarray(Image.open(tmp_path / "out" / "a.png"))
@@ -227,11 +227,16 @@ def test_sr3_npz_prior_and_convert_torch_bundle_load(tmp_path, tiny_config):
     (["--prior", "{pth}", "--config", "{tiny}"], "does not fit the guided-diffusion config"),
     (["--prior", "{pth}", "--config", "{ddfm_tiny}", "--steps", "0"], "--steps 0"),
     (["--prior", "{pth}", "--config", "{ddfm_tiny}", "--steps", "2000"], "--steps 2000"),
+    (["--prior", "{pth}", "--config", "{ddfm_tiny}", "--bucket", "6"],
+     "--bucket 6: must be a positive multiple of the prior's stride 4"),
+    (["--prior", "{pth}", "--config", "{tiny_sr3}"], "the DDFM config is for prior 'sr3'"),
 ])
 def test_fuse_method_ddfm_bad_inputs_name_the_problem(tmp_path, capsys, extra, message):
     ir, vi = _pair(tmp_path, 8, 8)
     np.savez(tmp_path / "p.npz", x=np.zeros(1))
-    fill = {"npz": str(tmp_path / "p.npz"), "pth": str(DDFM / "ddfm_unet_tiny.pth"),
+    (tmp_path / "sr3.py").write_text("from dmfuse_jax.ddfm.config import ddfm_config\n"
+                                     "def get_config():\n    return ddfm_config(prior='sr3')\n")
+    fill = {"tiny_sr3": str(tmp_path / "sr3.py"),"npz": str(tmp_path / "p.npz"), "pth": str(DDFM / "ddfm_unet_tiny.pth"),
             "tiny": str(ROOT / "configs" / "tiny.py"), "ddfm_tiny": str(ROOT / "configs" / "ddfm_tiny.py")}
     extra = [e.format(**fill) for e in extra]
     rc = main(["fuse", "--method", "ddfm", *extra, "--ir", str(ir), "--vis", str(vi), "--out", str(tmp_path / "o"),
@@ -246,3 +251,43 @@ def test_prior_is_a_ddfm_option_only(tmp_path, capsys):
     assert main(["fuse", "--method", "average", "--prior", "x.pt", "--ir", str(ir), "--vis", str(vi),
                  "--out", str(tmp_path / "o")]) == 2
     assert "--prior is a --method ddfm option" in capsys.readouterr().err
+
+
+def test_method_is_checked_at_parse_time_and_library_errors_name_parameters(tmp_path, capsys):
+    """A --method typo fails in argparse, before any input is looked at; the library's own errors name
+    its parameters (`steps`, `method`), not the command's flags."""
+    from dmfuse_jax.ddfm.fuser import DDFMFuser, SettingError
+    from dmfuse_jax.ddfm.priors import load_prior
+    from dmfuse_jax.errors import UserError
+    from dmfuse_jax.evaluation.baselines import BASELINES
+    from dmfuse_jax.inference.fuse_cli import BASELINE_METHODS, MODEL_METHODS
+    from dmfuse_jax.inference.fuser import MethodFuser
+
+    assert BASELINE_METHODS == tuple(BASELINES) and set(MODEL_METHODS) == {"ddfm"}
+    with pytest.raises(SystemExit) as e:
+        main(["fuse", "--method", "avrage", "--ir", str(tmp_path / "none"), "--vis", str(tmp_path / "none"),
+              "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'avrage'" in err and "no such file" not in err
+    with pytest.raises(UserError, match=r"^method 'avrage': unknown method"):
+        MethodFuser(method="avrage")
+    prior = load_prior(DDFM / "ddfm_unet_tiny.pth", config=str(ROOT / "configs" / "ddfm_tiny.py"))
+    with pytest.raises(SettingError, match=r"^steps 0: must be >= 1$") as e:
+        DDFMFuser(prior=prior, steps=0)
+    assert (e.value.name, e.value.value) == ("steps", 0)
+    ir, vi = _pair(tmp_path, 8, 8)
+    assert main(["fuse", "--method", "average", "--steps", "3", "--ir", str(ir), "--vis", str(vi),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--steps is a --method ddfm option" in capsys.readouterr().err
+
+
+def test_fuse_method_ddfm_turns_on_the_compilation_cache_first(tmp_path, capsys, monkeypatch):
+    """--compilation-cache reaches the ddfm path, before the prior loads (and so before any compile)."""
+    from dmfuse_jax import compilation
+    calls = []
+    monkeypatch.setattr(compilation, "enable_persistent_cache", lambda path=None: calls.append(path))
+    ir, vi = _pair(tmp_path, 8, 8)
+    rc = main(["fuse", "--method", "ddfm", "--prior", str(tmp_path / "nope.pt"), "--compilation-cache",
+               str(tmp_path / "xla"), "--ir", str(ir), "--vis", str(vi), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "nope.pt: no such prior" in capsys.readouterr().err
+    assert calls == [str(tmp_path / "xla")]

@@ -1,28 +1,47 @@
 """DDFM configs: ml_collections mirrors of guided-diffusion's `create_model` and DDFM's `create_sampler`
 arguments (the authors' `configs/model_config_imagenet.yaml` and `configs/diffusion_config.yaml`).
+Every key is read by the sampling code (`ddfm/priors.py`, `ddfm/fuser.py`); tests/test_ddfm_config.py
+changes each one and sees the result change.
 
   config.prior         'guided_diffusion' (the authors' prior, `config.model` = create_model arguments)
-                       | 'sr3' (the DMFuse UNet; its config comes with its params)
-  config.model         create_model(...) arguments
-  config.diffusion     create_sampler(...) arguments (DDIM, eta 0)
-  config.em            lamb, rho of EM_onestep
+                       | 'sr3' (the DMFuse UNet; its model config and schedule come with its params)
+  config.model         create_model(...) arguments (guided_diffusion only)
+  config.diffusion     steps, noise_schedule: the prior's own beta schedule (guided_diffusion only);
+                       timestep_respacing: the DDIM steps taken (`space_timesteps`, e.g. '100', 'ddim50');
+                       clip_denoised: clip the x0 estimate to [-1, 1]
+  config.em            lamb, rho of EM_onestep (the authors' 0.5, 0.001)
   config.seed          x_start noise seed (3407 in the authors' run)
-  config.dtype         compute dtype of the prior: 'float32' | 'bfloat16' (EM and DDIM maths stay float32)
+  config.dtype         compute dtype of a guided_diffusion prior: 'float32' | 'bfloat16' (EM and DDIM
+                       maths stay float32; an SR3 prior runs in its DMFuse config's dtype)
+
+The authors' yaml also names sampler (ddim), model_mean_type (epsilon), model_var_type,
+dynamic_threshold (False) and rescale_timesteps (False): DDIM with eta 0 on an epsilon model is the
+only sampler here and the variance never enters it, so those are not config keys (a bundle config
+that names them with another value is refused by `priors.guided_prior`).
 """
 from __future__ import annotations
 
 import ml_collections
 
+from dmfuse_jax.ddfm.em import LAMB, RHO
 from dmfuse_jax.ddfm.unet import GuidedUNet
 
-# create_model's defaults (guided_diffusion/unet.py of MMIF-DDFM), in its argument order.
+# create_model's defaults (guided_diffusion/unet.py of MMIF-DDFM), in its argument order, less the
+# arguments of NOT_KEPT_MODEL_KEYS. num_heads and num_heads_upsample count only with
+# num_head_channels=-1 (as in create_model).
 CREATE_MODEL_DEFAULTS = dict(
     image_size=256, num_channels=128, num_res_blocks=2, channel_mult="", learn_sigma=False,
-    class_cond=False, use_checkpoint=False, attention_resolutions="16", num_heads=1,
-    num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0.0,
-    resblock_updown=False, use_fp16=False, use_new_attention_order=False,
+    attention_resolutions="16", num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
+    use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
 )
-IGNORED_MODEL_KEYS = ("model_path",)  # create_model loads it; here conversion does
+# create_model arguments that change nothing at inference here: accepted (the authors' yaml names
+# them) but not kept as config keys. None: any value; else the only value supported.
+NOT_KEPT_MODEL_KEYS = dict(
+    model_path=None,  # create_model loads it; here conversion does
+    dropout=None, use_checkpoint=None,  # training only (no dropout at inference; gradient checkpointing)
+    use_fp16=False,  # the compute dtype is config.dtype
+    class_cond=False,  # DDFM samples an unconditional model
+)
 
 # The authors' prior: OpenAI's 256x256 unconditional ImageNet model (configs/model_config_imagenet.yaml).
 OPENAI_256_UNCOND = dict(
@@ -32,41 +51,52 @@ OPENAI_256_UNCOND = dict(
     resblock_updown=True, use_fp16=False, use_new_attention_order=False,
 )
 
-# configs/diffusion_config.yaml of MMIF-DDFM.
-SAMPLER_DEFAULTS = dict(
-    sampler="ddim", steps=1000, noise_schedule="linear", model_mean_type="epsilon",
-    model_var_type="learned_range", dynamic_threshold=False, clip_denoised=True,
-    rescale_timesteps=False, timestep_respacing="100",
-)
+# configs/diffusion_config.yaml of MMIF-DDFM, the keys that can change the run.
+SAMPLER_DEFAULTS = dict(steps=1000, noise_schedule="linear", clip_denoised=True, timestep_respacing="100")
+# Only these for the SR3 prior (its beta schedule is its DMFuse config's).
+SR3_SAMPLER_KEYS = ("clip_denoised", "timestep_respacing")
+# The authors' values of the yaml keys that are not config keys here (see the module docstring).
+FIXED_SAMPLER = dict(sampler="ddim", model_mean_type="epsilon", dynamic_threshold=False, rescale_timesteps=False)
+SEED = 3407  # the authors' run
+PRIOR_KINDS = ("guided_diffusion", "sr3")
 
 
 def model_config(**create_model_kwargs) -> ml_collections.ConfigDict:
-    """create_model(**kwargs) arguments (unknown names are an error, as in Python)."""
-    kw = {k: v for k, v in create_model_kwargs.items() if k not in IGNORED_MODEL_KEYS}
-    unknown = sorted(set(kw) - set(CREATE_MODEL_DEFAULTS))
+    """create_model(**kwargs) arguments (unknown names are an error, as in Python), less those of
+    NOT_KEPT_MODEL_KEYS."""
+    unknown = sorted(set(create_model_kwargs) - set(CREATE_MODEL_DEFAULTS) - set(NOT_KEPT_MODEL_KEYS))
     if unknown:
         raise ValueError(f"unknown create_model arguments: {', '.join(unknown)} "
                          f"(expected some of {', '.join(CREATE_MODEL_DEFAULTS)})")
-    return ml_collections.ConfigDict({**CREATE_MODEL_DEFAULTS, **kw})
+    for k, only in NOT_KEPT_MODEL_KEYS.items():
+        if only is not None and k in create_model_kwargs and create_model_kwargs[k] != only:
+            raise ValueError(f"create_model argument {k}={create_model_kwargs[k]!r} is not supported "
+                             f"(only {only!r}; " + ("use config.dtype)" if k == "use_fp16" else "DDFM's prior is unconditional)"))
+    kept = {k: v for k, v in create_model_kwargs.items() if k not in NOT_KEPT_MODEL_KEYS}
+    return ml_collections.ConfigDict({**CREATE_MODEL_DEFAULTS, **kept})
 
 
-def diffusion_config(**kwargs) -> ml_collections.ConfigDict:
-    unknown = sorted(set(kwargs) - set(SAMPLER_DEFAULTS))
+def diffusion_config(prior: str = "guided_diffusion", **kwargs) -> ml_collections.ConfigDict:
+    keys = SAMPLER_DEFAULTS if prior == "guided_diffusion" else SR3_SAMPLER_KEYS
+    unknown = sorted(set(kwargs) - set(keys))
     if unknown:
-        raise ValueError(f"unknown create_sampler arguments: {', '.join(unknown)}")
-    return ml_collections.ConfigDict({**SAMPLER_DEFAULTS, **kwargs})
+        raise ValueError(f"unknown create_sampler arguments for a {prior} prior: {', '.join(unknown)} "
+                         f"(expected some of {', '.join(keys)})")
+    return ml_collections.ConfigDict({**{k: SAMPLER_DEFAULTS[k] for k in keys}, **kwargs})
 
 
-def ddfm_config(prior: str = "guided_diffusion", model: dict | None = None, **diffusion) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="ddfm",
-        prior=prior,
-        model=model_config(**(OPENAI_256_UNCOND if model is None else model)),
-        diffusion=diffusion_config(**diffusion),
-        em=dict(lamb=0.5, rho=0.001),
-        seed=3407,
-        dtype="float32",
-    ))
+def ddfm_config(prior: str = "guided_diffusion", model: dict | None = None, *, lamb: float = LAMB,
+                rho: float = RHO, seed: int = SEED, **diffusion) -> ml_collections.ConfigDict:
+    """A DDFM config (see the module docstring); `diffusion`: create_sampler arguments."""
+    if prior not in PRIOR_KINDS:
+        raise ValueError(f"prior {prior!r}: expected one of {', '.join(PRIOR_KINDS)}")
+    config = dict(prior=prior, diffusion=diffusion_config(prior, **diffusion),
+                  em=dict(lamb=float(lamb), rho=float(rho)), seed=int(seed))
+    if prior == "guided_diffusion":
+        config.update(model=model_config(**(OPENAI_256_UNCOND if model is None else model)), dtype="float32")
+    elif model is not None:
+        raise ValueError("an sr3 prior's model comes with its params: give no model")
+    return ml_collections.ConfigDict(config)
 
 
 def channel_mult_of(image_size: int, channel_mult) -> tuple:
@@ -95,8 +125,6 @@ def build_guided_unet(model: ml_collections.ConfigDict | dict, dtype: str = "flo
     from dmfuse_jax.models.builders import dtype_of
 
     m = model_config(**dict(model))
-    if m.class_cond:
-        raise ValueError("class-conditional guided-diffusion models are not supported (DDFM is unconditional)")
     return GuidedUNet(
         in_channels=3, model_channels=int(m.num_channels), out_channels=6 if m.learn_sigma else 3,
         num_res_blocks=int(m.num_res_blocks),

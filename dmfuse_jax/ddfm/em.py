@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The authors' run (MMIF-DDFM sample.py: EM_onestep(..., lamb=0.5, rho=0.001)): the one EM default.
+LAMB, RHO = 0.5, 0.001
+
 
 class EMState(NamedTuple):
     C: jax.Array  # (B, H, W)
@@ -63,7 +66,7 @@ def _forward_diff(H, axis):
     return jnp.where(last, H, H - nxt)
 
 
-def em_onestep(f_pre, I, V, state: EMState, lamb: float = 0.5, rho: float = 0.01):
+def em_onestep(f_pre, I, V, state: EMState, lamb: float = LAMB, rho: float = RHO):
     """EM_onestep -> (F, new state). f_pre, I, V: (B, H, W) float32."""
     fft_k1, fft_k2 = otfs(I.shape[-2:])
     col = lambda t: t[:, None, None]  # noqa: E731  (B,) -> (B, 1, 1)

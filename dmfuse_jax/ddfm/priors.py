@@ -10,6 +10,12 @@
   DDFM bundle             written by `dmfuse convert-torch --guided-diffusion` ('guided_diffusion')
   MODEL.pt / .pth         a guided-diffusion state_dict (the authors' 256x256_diffusion_uncond.pt), with
                           `config` a DDFM config (default: configs/ddfm_openai256.py's settings)
+  DMFuse bundle/workdir or None, with `config` a DDFM config of prior 'sr3': that SR3 UNet, sampled
+                          with that config's settings
+
+`Prior.config` is the DDFM config (em, seed, respacing, clip; `ddfm/config.py`) the prior came with:
+a guided-diffusion prior's own (a given DDFM config wins over a bundle's), or `config` when it is a
+DDFM config of prior 'sr3'; else None (`DDFMFuser` then uses `ddfm_config(prior='sr3')`).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ class Prior:
     betas: np.ndarray  # the prior's own (un-respaced) beta schedule, float64
     source: str
     notes: list = dataclasses.field(default_factory=list)
+    config: Any = None  # the DDFM config it came with (see the module docstring), or None
 
     @property
     def stride(self) -> int:
@@ -47,26 +54,40 @@ def is_ddfm_config(config) -> bool:
     return config is not None and "prior" in config and "em" in config
 
 
-def sr3_prior(config, unet_params, source: str, dtype: str | None = None, notes=None) -> Prior:
+def _check_kind(ddfm, kind: str, source: str):
+    if ddfm is not None and ddfm.prior != kind:
+        raise UserError(f"{source}: a {kind} prior, but the DDFM config is for prior {ddfm.prior!r}")
+    return ddfm
+
+
+def sr3_prior(config, unet_params, source: str, dtype: str | None = None, notes=None, ddfm=None) -> Prior:
+    """config: the DMFuse model config of `unet_params`; ddfm: a DDFM config (prior 'sr3') or None."""
     from dmfuse_jax.models.builders import build_schedule, build_unet
 
     module = build_unet(config, dtype)
     _check_fit(module, unet_params, source, (1, 2 * module.total_stride, 2 * module.total_stride,
                                              module.in_channels), "noise level")
-    return Prior("sr3", module, unet_params, build_schedule(config).betas, source, list(notes or []))
+    return Prior("sr3", module, unet_params, build_schedule(config).betas, source, list(notes or []),
+                 _check_kind(ddfm, "sr3", source))
 
 
 def guided_prior(config, params, source: str, dtype: str | None = None) -> Prior:
     from dmfuse_jax.ddfm.config import build_guided_unet
     from dmfuse_jax.ddfm.sampler import named_beta_schedule
 
+    from dmfuse_jax.ddfm.config import FIXED_SAMPLER
+
+    _check_kind(config, "guided_diffusion", source)
     d = config.diffusion
-    if d.model_mean_type != "epsilon" or d.dynamic_threshold or d.get("rescale_timesteps", False):
-        raise UserError(f"{source}: only the authors' sampler settings are supported (epsilon prediction, "
-                        "no dynamic threshold, no timestep rescaling)")
+    # a config written before these keys were dropped (they could only hold the authors' values)
+    odd = [f"{k}={d[k]!r}" for k, v in FIXED_SAMPLER.items() if k in d and d[k] != v]
+    if odd:
+        raise UserError(f"{source}: only the authors' sampler settings are supported (DDIM, epsilon prediction, "
+                        f"no dynamic threshold, no timestep rescaling), not {', '.join(odd)}")
     module = build_guided_unet(config.model, dtype or config.get("dtype", "float32"))
     _check_fit(module, params, source, (1, 2 * module.total_stride, 2 * module.total_stride, 3), "timestep")
-    return Prior("guided_diffusion", module, params, named_beta_schedule(d.noise_schedule, d.steps), source)
+    return Prior("guided_diffusion", module, params, named_beta_schedule(d.noise_schedule, d.steps), source,
+                 config=config)
 
 
 def _check_fit(module, params, source, shape, _cond):
@@ -110,9 +131,10 @@ def load_prior(spec: str | Path | None = None, *, config=None, dtype: str | None
     from dmfuse_jax.inference.checkpoints import resolve
 
     config = _as_config(config)
+    ddfm = config if is_ddfm_config(config) else None
     if spec is None:
         ck = resolve(None)
-        return sr3_prior(ck.config, ck.params["unet"], f"default model {ck.source}", dtype, ck.notes)
+        return sr3_prior(ck.config, ck.params["unet"], f"default model {ck.source}", dtype, ck.notes, ddfm)
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{path}: no such prior (file or folder)")
@@ -125,15 +147,15 @@ def load_prior(spec: str | Path | None = None, *, config=None, dtype: str | None
         from dmfuse_jax.ddfm.config import OPENAI_256_UNCOND, build_guided_unet, ddfm_config
         from dmfuse_jax.ddfm.convert import convert_params
 
-        cfg = config if is_ddfm_config(config) else ddfm_config(model=OPENAI_256_UNCOND)
+        cfg = _check_kind(ddfm, "guided_diffusion", str(path)) or ddfm_config(model=OPENAI_256_UNCOND)
         params = convert_params(load_state_dict(path), build_guided_unet(cfg.model), source=str(path))
         return guided_prior(cfg, params, str(path), dtype)
     if bundle_lib.is_bundle(path):
         own, params, meta = bundle_lib.load_bundle(path)
-        if is_ddfm_config(own):
-            return guided_prior(own, params["unet"], str(path), dtype)
-    ck = resolve(str(path), config=None if is_ddfm_config(config) else config)
-    return sr3_prior(ck.config, ck.params["unet"], f"{ck.kind} {ck.source}", dtype, ck.notes)
+        if is_ddfm_config(own):  # a given DDFM config wins over the bundle's own (its model must fit)
+            return guided_prior(ddfm or own, params["unet"], str(path), dtype)
+    ck = resolve(str(path), config=None if ddfm is not None else config)
+    return sr3_prior(ck.config, ck.params["unet"], f"{ck.kind} {ck.source}", dtype, ck.notes, ddfm)
 
 
 def load_state_dict(path: str | Path) -> dict:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax import compilation
-from dmfuse_jax.ddfm.em import EMState, em_initial, em_onestep
+from dmfuse_jax.ddfm.em import LAMB, RHO, EMState, em_initial, em_onestep
 
 # skimage.color's BT.601 matrices (ycbcr_from_rgb and its float64 inverse).
 YCBCR_FROM_RGB = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]])
@@ -137,7 +137,7 @@ def _sr3_eps(module, params, x, row):
 PRIORS: dict[str, Callable] = {"guided_diffusion": _guided_eps, "sr3": _sr3_eps}
 
 
-def ddfm_step(eps_fn, params, x, em: EMState, row, I, V, *, lamb: float, rho: float, clip: bool = True):
+def ddfm_step(eps_fn, params, x, em: EMState, row, I, V, *, lamb: float, rho: float, clip: bool):
     """One DDIM + EM step. -> (x_prev, em, x0). x (B, H, W, 3 or 1) float32; I, V (B, H, W)."""
     eps = eps_fn(params, x, row)
     x0 = row["sqrt_recip"] * x - row["sqrt_recipm1"] * eps
@@ -174,9 +174,9 @@ class Sampler:
     module: Any
     prior: str
     tables: Tables
-    lamb: float = 0.5
-    rho: float = 0.001
-    clip: bool = True
+    lamb: float = LAMB
+    rho: float = RHO
+    clip: bool = True  # the config's diffusion.clip_denoised
 
     def _key(self):
         return (self.module, self.prior, tuple(self.tables.timestep_map), tuple(self.tables.alphas_cumprod),

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="training workdir, inference bundle, or UNET.pth,HEAD.pth (default: the bundled "
                           "model in dmfuse_jax/assets/default_bundle; --mode medical: with the medical head "
                           "dmfuse_jax/assets/medical_head.npz)")
-    src.add_argument("--method", default=None,
+    src.add_argument("--method", default=None, choices=method_names(),
                      help="a classical baseline instead of the model: average, max, laplacian_pyramid; "
                           "or ddfm (DDFM sampling, see --prior, --steps)")
     p.add_argument("--config", default=None,
@@ -48,11 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-buckets", type=int, default=DEFAULT_MAX_BUCKETS,
                    help="merge the folder's buckets down to at most this many shapes, by least added padding "
                         "(0: no merging, one bucket per rounded size) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the diffusion noise (default: 0; ddfm: 3407)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the diffusion noise (default: 0; ddfm: the DDFM config's seed, 3407)")
     p.add_argument("--prior", default=None,
                    help="ddfm: the diffusion prior: DMFuse bundle/workdir, SR3 UNet .npz (with --config), "
                         "guided-diffusion .pt or converted bundle (default: the bundled model's SR3 UNet)")
-    p.add_argument("--steps", type=int, default=100, help="ddfm: respaced DDIM steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="ddfm: respaced DDIM steps (default: the DDFM config's diffusion.timestep_respacing, 100)")
     p.add_argument("--resize", action="store_true",
                    help="resize the infrared image to the visible size when they differ (default: error)")
     p.add_argument("--sixteen-bit", choices=("minmax", "full"), default="minmax",
@@ -118,20 +120,36 @@ def check_pairs(pairs, resize: bool) -> list[tuple[int, int]]:
 
 def _ddfm(args):
     """--method ddfm: DDFM sampling with a diffusion prior (dmfuse_jax.ddfm)."""
-    from dmfuse_jax.ddfm.fuser import DDFMFuser
+    from dmfuse_jax.compilation import enable_persistent_cache
+    from dmfuse_jax.ddfm.fuser import DDFMFuser, SettingError
     from dmfuse_jax.ddfm.priors import load_prior
 
+    enable_persistent_cache(getattr(args, "compilation_cache", None))  # before the first compile
     prior = load_prior(args.prior, config=args.config, dtype=args.dtype)
-    seed = 3407 if args.seed is None else args.seed
-    fuser = DDFMFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, prior=prior, steps=args.steps, seed=seed,
-                      progress=not args.no_progress)
+    try:
+        fuser = DDFMFuser(mode=args.mode, sixteen_bit=args.sixteen_bit, prior=prior, steps=args.steps,
+                          seed=args.seed, bucket=args.bucket, max_buckets=args.max_buckets,
+                          progress=not args.no_progress)
+    except SettingError as e:  # the library names its parameters; here they are flags
+        flag = {"steps": "--steps", "bucket": "--bucket", "max_buckets": "--max-buckets"}.get(e.name)
+        raise UserError(f"{flag} {e.value}: {e.reason}" if flag else f"{args.config or prior.source}: {e}") from None
     for note in prior.notes:
         print(note)
-    return fuser, f"DDFM ({args.steps} steps, seed {seed}) with prior {prior.kind}: {prior.source}"
+    return fuser, (f"DDFM ({fuser.sampler.num_steps} steps, seed {fuser.seed_used}) with prior {prior.kind}: "
+                   f"{prior.source}")
 
 
 # --method names that need a model (the rest are classical baselines).
 MODEL_METHODS = {"ddfm": _ddfm}
+
+# --method's classical baselines: the names of evaluation.baselines.BASELINES, written out so that
+# building the parser does not import scipy (a test checks that they agree).
+BASELINE_METHODS = ("average", "max", "laplacian_pyramid")
+
+
+def method_names() -> list[str]:
+    """--method's choices: the classical baselines and MODEL_METHODS."""
+    return [*BASELINE_METHODS, *MODEL_METHODS]
 
 
 def memory_plan(fuser, plan, pairs, sizes, show: bool) -> bool:
@@ -176,6 +194,8 @@ def run(args) -> int:
         raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
     if args.prior is not None and args.method != "ddfm":
         raise UserError("--prior is a --method ddfm option")
+    if args.steps is not None and args.method != "ddfm":
+        raise UserError("--steps is a --method ddfm option")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.max_buckets < 0:

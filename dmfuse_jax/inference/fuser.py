@@ -308,7 +308,7 @@ class MethodFuser(PairFusion):
         from dmfuse_jax.evaluation.baselines import BASELINES
 
         if self.method not in BASELINES:
-            raise UserError(f"--method {self.method}: unknown method (choose from {', '.join(BASELINES)})")
+            raise UserError(f"method {self.method!r}: unknown method (choose from {', '.join(BASELINES)})")
         self._fn = BASELINES[self.method]
         self.source = f"method {self.method}"
 

@@ -131,9 +131,10 @@ def best_info(workdir) -> dict | None:
         mgr.close()
 
 
-def load_best_params(workdir, ema: bool = False):
+def load_best_params(workdir, ema: bool | None = None):
     """The params (or EMA params) of a workdir's best checkpoint, as numpy (the shape of
-    `checkpoint.load_params`), after checking their checksums. UserError when there is none."""
+    `checkpoint.load_params`; ema: None = EMA when it has them, as there), after checking their
+    checksums. UserError when there is none."""
     import orbax.checkpoint as ocp
 
     from dmfuse_jax.training.checkpoint import (_quiet, _restore_host_item, assemble_params, check_checksum_kind,

@@ -660,16 +660,21 @@ class PreemptionWatch:
 # reading a workdir's params
 
 
-def assemble_params(weights: dict, ema: bool = False):
+def assemble_params(weights: dict, ema: bool | None = None):
     """The model's params tree from a checkpoint's 'weights' item: the trained (or EMA) params,
-    merged with the frozen ones (stage 2: {'unet': frozen, 'head': trained})."""
+    merged with the frozen ones (stage 2: {'unet': frozen, 'head': trained}). ema: None = the EMA
+    params when the checkpoint has them, else the raw ones."""
+    if ema is None:
+        ema = weights.get("ema_params") is not None
     trained = weights["ema_params" if ema else "params"]
     frozen = weights.get("frozen") or {}
     return {**frozen, **trained} if frozen else trained
 
 
-def load_params(workdir: str | os.PathLike, ema: bool = False, step: int | None = None):
+def load_params(workdir: str | os.PathLike, ema: bool | None = None, step: int | None = None):
     """Params (or EMA params) of a workdir's latest valid checkpoint, as a pytree of numpy arrays.
+    ema: None (default) = the EMA params when the checkpoint has them, else the raw ones (as
+    `dmfuse_jax.load` and `dmfuse fuse`); True / False: EMA / raw.
 
     Stage 'fusion': the full DMFuse tree {'unet': ..., 'head': ...}; stage 'pretrain': the UNet tree.
     A newest checkpoint that fails its integrity check is skipped with a `CorruptCheckpointWarning`

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,6 @@ from dmfuse_jax.training import sharding as shd
 from dmfuse_jax.training.state import TrainState, apply_gradients, initial_state, make_optimizer
 
 log = logging.getLogger(__name__)
-
-# Test hook (fault injection): after finishing this step (and its checkpoint), wait for a signal.
-HANG_ENV = "DMFUSE_DEBUG_HANG_AFTER_STEP"
-
 
 def make_train_step(stage, tx: optax.GradientTransformation, ema_decay: float):
     """train_step(state, batch) -> (state, metrics): pure; jit it once with shardings.
@@ -229,10 +225,14 @@ class FiniteGuard:
                       f"{self.max_skipped})", flush=True)
 
 
-def fit(config, workdir: str | os.PathLike, stage) -> dict:
+def fit(config, workdir: str | os.PathLike, stage, on_step: Callable | None = None) -> dict:
     """Trains `stage` in `workdir` (resuming from its latest valid checkpoint). Returns a summary.
     Raises TrainingDiverged (a non-finite step beyond config.max_nonfinite_steps; nothing of it is
-    saved) and SaveFailed (disk full, quota, permission while saving)."""
+    saved) and SaveFailed (disk full, quota, permission while saving).
+
+    on_step(step, checkpointer, watch) -> bool: called after each step and its checkpoint save; True
+    stops the run as a preemption does (final save, summary['preempted'] = the signal watched for).
+    The tests inject faults with it (tests/hang_train.py: wait at a step for a signal)."""
     from tqdm import tqdm
 
     from dmfuse_jax.startup import Phases
@@ -284,7 +284,6 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
 
     log_every = max(1, int(config.get("log_every_steps", 50)))
     preview_every = int(config.get("preview_every_steps", 0))
-    hang_after = int(os.environ.get(HANG_ENV, "-1"))
     guard = FiniteGuard(int(config.get("max_nonfinite_steps", 0)), chief)
     pending: list[dict] = []
     skipped_files = 0  # unreadable files passed over in the batches of this run (since its start)
@@ -329,11 +328,7 @@ def fit(config, workdir: str | os.PathLike, stage) -> dict:
                 if ckpt.due(step) or stop or step == total:
                     guard.check(ckpt.latest_step())  # never save a step the guard has not passed
                 ckpt.save(step, state, data_iter)
-                if step == hang_after:
-                    ckpt.wait()
-                    print(f"HANG at step {step}", flush=True)
-                    while not watch.requested(step, ckpt):
-                        time.sleep(0.05)
+                if on_step is not None and on_step(step, ckpt, watch):
                     stop = True
                 if stop:
                     summary["preempted"] = watch.signal_name

@@ -28,7 +28,7 @@ SMALL = ["model.dtype=bfloat16", "model.unet.channel_mults=(1,2)", "model.unet.r
 
 def entry_instructions(text: str):
     """(opcode/kind, result bytes, operand bytes) of each ENTRY instruction of an HLO module."""
-    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
+    from dmfuse_jax.commands.compile import _operand_list, shape_bytes
 
     lines, in_entry = [], False
     for line in text.splitlines():
@@ -59,7 +59,7 @@ def entry_instructions(text: str):
 def all_instructions(text: str) -> int:
     """Operand + result bytes of every instruction of every computation (fusion bodies included),
     parameters and tuple plumbing left out: what a count that ignores fusion would add up."""
-    from dmfuse_jax.compile_cli import _operand_list, shape_bytes
+    from dmfuse_jax.commands.compile import _operand_list, shape_bytes
 
     total, shapes = 0, {}
     for line in text.splitlines():
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
 
     from dmfuse_jax import accelerators as acc
     acc.prepare_libtpu_env(args.topology)
-    from dmfuse_jax.compile_cli import train_target
+    from dmfuse_jax.commands.compile import train_target
     from dmfuse_jax.config_lib import load_config
-    from dmfuse_jax.training import sharding as shd
+    from dmfuse_jax import sharding as shd
 
     config = load_config(args.config, [o for o in args.overrides.split(";") if o])
     mesh = shd.make_mesh(tuple(config.sharding.mesh_shape), devices=acc.tpu_devices(args.topology))
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
           f"= {m.argument_size_in_bytes + m.output_size_in_bytes:,}; temps {m.temp_size_in_bytes:,}")
     e = all_instructions(text)
     print(f"(e) sum of operands + results over every computation, fused ones included: {e:,.0f}")
-    from dmfuse_jax.compile_cli import kernel_io_bytes
+    from dmfuse_jax.commands.compile import kernel_io_bytes
     print(f"kernel_io_bytes (dmfuse compile's roofline figure; = (b)): {kernel_io_bytes(text):,.0f}")
     print(f"ENTRY instructions: {len(inst)}; while loops: {text.count(' while(')}")
     return 0

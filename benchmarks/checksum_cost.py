@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from dmfuse_jax.inference import bundle as bundle_lib
     from dmfuse_jax.inference.checkpoints import DEFAULT_BUNDLE
-    from dmfuse_jax.training import checkpoint as ck
+    from dmfuse_jax import workdir as ck
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=256, help="MB of float32 params (16 arrays)")

@@ -4,7 +4,7 @@
   python benchmarks/compare_torch.py --small --json compare_torch_cpu.json  # CPU: a few minutes
 
 Variants (--variants picks a subset):
-  torch_eager_fp32   the PyTorch reference (`dmfuse_jax.conversion.torch_reference`) in eager mode,
+  torch_eager_fp32   the PyTorch reference (`tests/torch_references/dmfuse.py`) in eager mode,
                      float32, the SR3 einsum self-attention as the authors ship it
   torch_compile_bf16 the same weights, `torch.compile` + `torch.autocast(bfloat16)`,
                      F.scaled_dot_product_attention (the strongest PyTorch setting we know)
@@ -194,7 +194,8 @@ def build_models(args):
     import torch
 
     from dmfuse_jax import config_lib
-    from dmfuse_jax.conversion import torch_reference as tr
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from torch_references import dmfuse as tr
 
     config = config_lib.base_config(width=args.width, norm_groups=min(32, args.width))
     config.model.head.caim_impl = args.caim_impl

@@ -10,7 +10,7 @@ authors' algorithm in PyTorch in the same run.
 Rows (random weights: speed does not depend on the values):
   jax-sr3        DDFM sampling with the DMFuse UNet (configs/dmfuse_quarter.py, 24.5 M) as prior
   jax-guided     DDFM with the authors' prior: OpenAI's 256x256 uncond config (552.8 M), float32
-  torch-guided   the same algorithm in PyTorch (dmfuse_jax.ddfm.torch_reference, which reproduces
+  torch-guided   the same algorithm in PyTorch (tests/torch_references/ddfm.py, which reproduces
                  the authors' golden vectors), float32, on the CPU
 Each JAX row compiles `sample_chunk` for `--timed-steps` steps, runs it once to warm up, then times
 `--iters` runs; torch runs one step to warm up and times `--timed-steps` steps. A full 100-step
@@ -39,7 +39,8 @@ def _jax_row(kind: str, hw, timed_steps: int, iters: int, dtype: str, guided_con
     import numpy as np
 
     from dmfuse_jax.config_lib import load_config
-    from dmfuse_jax.ddfm.sampler import Sampler, jitted_chunk, named_beta_schedule, respaced_tables
+    from dmfuse_jax.ddfm.sampler import Sampler, jitted_chunk
+    from dmfuse_jax.diffusion.respace import named_beta_schedule, respaced_tables
 
     h, w = hw
     if kind == "sr3":
@@ -87,8 +88,9 @@ def _torch_row(hw, timed_steps: int, threads: int | None, guided_config: str) ->
     import torch
 
     from dmfuse_jax.config_lib import load_config
-    from dmfuse_jax.ddfm import torch_reference as ref
-    from dmfuse_jax.ddfm.sampler import named_beta_schedule, respaced_tables
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from torch_references import ddfm as ref
+    from dmfuse_jax.diffusion.respace import named_beta_schedule, respaced_tables
 
     if threads:
         torch.set_num_threads(threads)

@@ -18,8 +18,7 @@ plan), first batch (until the first batch's PNGs are written). "model+exe" = bun
 compile/load phase. The fused PNGs of all runs are compared byte for byte.
 
 Then the bundle alone: bytes read, read + sha256, the flat (version 3) load, and the same params
-through orbax (a version 2 bundle written here); and one cold compile of the tno6 buckets in one
-thread against one per core (`Fuser.prepare`). With training: `dmfuse train` resuming a quickstart
+through orbax (a version 2 bundle written here). With training: `dmfuse train` resuming a quickstart
 workdir for one more step, cold and warm (the trainer's own start-up line).
 """
 from __future__ import annotations
@@ -122,35 +121,6 @@ def bundle_table(work: Path) -> dict:
     return dict(read_s=read_s, read_sha256_s=hash_s, flat_s=flat_s, orbax_s=orbax_s)
 
 
-def compile_threads(ir: Path) -> dict:
-    code = """
-import json, sys, time
-import dmfuse_jax
-from dmfuse_jax.compilation import enable_persistent_cache
-from dmfuse_jax.data.images import verify_image
-enable_persistent_cache("off")
-f = dmfuse_jax.load()
-sizes = [verify_image(p) for p in sys.argv[2:]]
-shapes = list(dict.fromkeys(s for s, _ in f.plan(sizes, 4)))
-t = time.perf_counter()
-f.prepare(shapes, workers=int(sys.argv[1]))
-print(json.dumps(dict(workers=int(sys.argv[1]), shapes=shapes, wall=time.perf_counter() - t)))
-"""
-    files = [str(p) for p in sorted(ir.glob("*.png"))]
-    rows = []
-    for workers in (1, os.cpu_count() or 1):
-        res = subprocess.run([sys.executable, "-c", code, str(workers), *files], env=_env(), cwd=ROOT,
-                             capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr)
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        rows[-1]["load"] = os.getloadavg()[0]
-    print(f"\ncold compile of the tno6 buckets ({len(rows[0]['shapes'])} executables, caches off): "
-          + "; ".join(f"{r['workers']} thread(s) {r['wall']:.1f} s (load {r['load']:.1f})" for r in rows)
-          + f" -> {rows[0]['wall'] / rows[1]['wall']:.2f}x")
-    return {"threads": rows}
-
-
 def train_table(work: Path) -> list[dict]:
     wd = work / "train"
     cache = work / "cache-train"
@@ -179,7 +149,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tno-only", action="store_true", help="skip the sample folder")
     p.add_argument("--no-train", action="store_true", help="skip the dmfuse train rows")
-    p.add_argument("--no-threads", action="store_true", help="skip the serial-vs-threads compile")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     import platform
@@ -197,8 +166,6 @@ def main(argv=None) -> int:
             result["samples"] = folder_table("samples", ROOT / "samples" / "ir", ROOT / "samples" / "vi", work)
         result["tno6"] = folder_table("tno6", tno / "ir", tno / "vi", work)
         result["bundle"] = bundle_table(work)
-        if not args.no_threads:
-            result["compile"] = compile_threads(tno / "ir")
         if not args.no_train:
             result["train"] = train_table(work)
     if args.json:

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("dmfuse_jax.inference.fuser", "load"),
     "Fuser": ("dmfuse_jax.inference.fuser", "Fuser"),
-    "load_params": ("dmfuse_jax.training.checkpoint", "load_params"),
+    "load_params": ("dmfuse_jax.workdir", "load_params"),
 }
 
 

@@ -18,15 +18,15 @@ from dmfuse_jax.errors import UserError
 
 # name -> (module, one-line help). Registry, not an if-chain: add a command by adding a row.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("dmfuse_jax.info", "versions, devices, parameter and FLOP counts of a config's model"),
-    "train": ("dmfuse_jax.training.train", "train a stage (diffusion pretraining or fusion) from a config"),
-    "fuse": ("dmfuse_jax.inference.fuse_cli", "fuse infrared/visible (or medical) image pairs"),
-    "export": ("dmfuse_jax.inference.export_cli", "export an inference bundle and a serialized artefact"),
-    "convert-torch": ("dmfuse_jax.conversion.cli", "build an inference bundle from PyTorch weights"),
-    "convert-npz": ("dmfuse_jax.conversion.npz_cli", "build an inference bundle from flat npz parameter files"),
-    "evaluate": ("dmfuse_jax.evaluation.cli", "score fused images with the field's metrics"),
-    "report": ("dmfuse_jax.evaluation.run_report", "a training run's curves, evals, best step and previews as PNG + markdown"),
-    "compile": ("dmfuse_jax.compile_cli", "compile a training step or the fuse function for a TPU slice or GPU "
+    "info": ("dmfuse_jax.commands.info", "versions, devices, parameter and FLOP counts of a config's model"),
+    "train": ("dmfuse_jax.commands.train", "train a stage (diffusion pretraining or fusion) from a config"),
+    "fuse": ("dmfuse_jax.commands.fuse", "fuse infrared/visible (or medical) image pairs"),
+    "export": ("dmfuse_jax.commands.export", "export an inference bundle and a serialized artefact"),
+    "convert-torch": ("dmfuse_jax.commands.convert_torch", "build an inference bundle from PyTorch weights"),
+    "convert-npz": ("dmfuse_jax.commands.convert_npz", "build an inference bundle from flat npz parameter files"),
+    "evaluate": ("dmfuse_jax.commands.evaluate", "score fused images with the field's metrics"),
+    "report": ("dmfuse_jax.commands.report", "a training run's curves, evals, best step and previews as PNG + markdown"),
+    "compile": ("dmfuse_jax.commands.compile", "compile a training step or the fuse function for a TPU slice or GPU "
                 "ahead of time: memory, FLOPs, collectives, roofline"),
 }
 

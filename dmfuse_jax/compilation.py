@@ -86,16 +86,6 @@ def default_cache_dir() -> str:
 
 
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> str | None:
-    """See `_enable`; also points dmfuse's executable cache (`executable_cache.py`) at
-    FOLDER/executables, or turns it off with the persistent cache."""
-    from dmfuse_jax import executable_cache
-
-    folder = _enable(path)
-    executable_cache.configure(folder)
-    return folder
-
-
-def _enable(path: str | os.PathLike | None) -> str | None:
     """Turns on JAX's persistent compilation cache for this process; returns its folder, or None
     when it is off. Call it before the first compile.
 

@@ -19,10 +19,11 @@ load) is reported in one line and recompiled, and the entry rewritten. Entries a
 temporary file in the same folder and renamed, so two processes may share the folder: a reader sees
 a whole entry or none.
 
-The folder is `executables/` inside the persistent compilation cache's folder
-(`compilation.enable_persistent_cache`), so `--compilation-cache off|DIR` and
-`DMFUSE_COMPILATION_CACHE` govern both; `DMFUSE_EXECUTABLE_CACHE=off` turns this one off alone
-(JAX's cache then still serves the compile).
+The folder is `executables/` inside JAX's persistent compilation cache folder, whenever that cache is
+on (`compilation.enable_persistent_cache`, which `dmfuse fuse` and `dmfuse train` call, or JAX's own
+JAX_COMPILATION_CACHE_DIR), so `--compilation-cache off|DIR` and `DMFUSE_COMPILATION_CACHE` govern
+both; `DMFUSE_EXECUTABLE_CACHE=off` turns this one off alone (JAX's cache then still serves the
+compile).
 """
 from __future__ import annotations
 
@@ -43,21 +44,27 @@ SUBDIR = "executables"
 OFF_ENV = "DMFUSE_EXECUTABLE_CACHE"
 _OFF = ("0", "off", "false", "no", "none")
 
-# The cache folder of this process (set by `compilation.enable_persistent_cache`), or None: off.
+# A cache folder set by `configure` (None: follow JAX's persistent cache).
 _FOLDER: list[Path | None] = [None]
 
 
 def configure(compilation_cache_dir: str | os.PathLike | None) -> Path | None:
-    """Sets the folder from the persistent compilation cache's (None: off). Returns it."""
-    if compilation_cache_dir is None or os.environ.get(OFF_ENV, "").strip().lower() in _OFF:
-        _FOLDER[0] = None
-    else:
-        _FOLDER[0] = Path(compilation_cache_dir) / SUBDIR
-    return _FOLDER[0]
+    """Puts the cache in COMPILATION_CACHE_DIR/executables whatever JAX's cache does (None: follow
+    JAX's cache again). Returns `folder()`."""
+    _FOLDER[0] = None if compilation_cache_dir is None else Path(compilation_cache_dir) / SUBDIR
+    return folder()
 
 
 def folder() -> Path | None:
-    return _FOLDER[0]
+    """This process's cache folder, or None when the cache is off."""
+    if os.environ.get(OFF_ENV, "").strip().lower() in _OFF:
+        return None
+    if _FOLDER[0] is not None:
+        return _FOLDER[0]
+    import jax
+
+    base = jax.config.jax_compilation_cache_dir
+    return Path(base) / SUBDIR if base and jax.config.jax_enable_compilation_cache else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ softmax, the optimizer) is not counted: it is memory-bound, and MFU conventional
 Why not XLA's cost analysis: on GPU it does not see cuDNN convolutions and custom kernels (it reported
 19-28 GFLOP for a 576x768 TNO pair that costs 3.748 TFLOP: `fuse_pairs` of configs/dmfuse_quarter.py,
 benchmarks/RESULTS.md), so the same model got a different count on
-every backend. Here the program is traced with the portable implementations (`portable_config`:
+every backend. Here the program is traced with the portable implementations (`models.builders.portable_config`:
 XLA self-attention, the jnp criss-cross reference), whose matmuls are exactly those the fused
 kernels perform, so the count does not depend on the backend or the implementation chosen.
 
@@ -26,6 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.extend
 import jax.numpy as jnp
+
+from dmfuse_jax.models.builders import portable_config  # noqa: F401 - part of this module's API
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def jaxpr_flops(jaxpr) -> FlopCount:
             total += FlopCount(dot=_dot_flops(eqn))
         elif any(u in name for u in UNCOUNTED):
             raise ValueError(f"cannot count the FLOPs of {name!r}: trace the portable config "
-                             "(flops.portable_config) instead")
+                             "(models.builders.portable_config) instead")
         elif name == "cond":
             branches = [jaxpr_flops(b) for b in eqn.params["branches"]]
             total += max(branches, key=lambda c: c.total)
@@ -96,16 +98,6 @@ def count(fn: Callable, *args: Any) -> FlopCount:
     if hasattr(fn, "trace"):
         return jaxpr_flops(fn.trace(*args).jaxpr)
     return jaxpr_flops(jax.make_jaxpr(fn)(*args))
-
-
-def portable_config(config):
-    """`config` with the portable implementations (XLA self-attention, jnp criss-cross), whose matmuls
-    the counting can see; FLOP-for-FLOP the same work as the kernels."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.model.head.caim_impl = "reference"
-        config.model.unet.attention_impl = "xla"
-    return config
 
 
 def unet_forward(config, height: int, width: int, batch: int = 1, taps: bool = False,

@@ -1,7 +1,7 @@
 """`python -m dmfuse_jax.train --config CFG --workdir DIR [--config.KEY=VALUE ...]`: same as `dmfuse train`."""
 import sys
 
-from dmfuse_jax.training.train import main
+from dmfuse_jax.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Test-only launcher (fault injection): `python tests/hang_train.py STEP ARGS...` runs
-`python -m dmfuse_jax.training.train ARGS...`, but after STEP (and its checkpoint, committed) prints
+`python -m dmfuse_jax.train ARGS...`, but after STEP (and its checkpoint, committed) prints
 "HANG at step STEP" and waits until a signal the run watches for (SIGTERM, SIGINT, ...) arrives, then
 stops as a preempted run; SIGKILL kills it there. Uses `fit`'s `on_step` callback."""
 import functools
@@ -24,4 +24,4 @@ def hang_at(hang_step: int):
 
 if __name__ == "__main__":
     trainer.fit = functools.partial(trainer.fit, on_step=hang_at(int(sys.argv.pop(1))))
-    runpy.run_module("dmfuse_jax.training.train", run_name="__main__", alter_sys=True)
+    runpy.run_module("dmfuse_jax.train", run_name="__main__", alter_sys=True)

@@ -57,7 +57,7 @@ def train_command(stage: str, workdir: str | os.PathLike, extra: list[str] | Non
                   hang_after: int | None = None) -> list[str]:
     """hang_after: run through tests/hang_train.py, which waits for a signal after that step."""
     path = PRETRAIN_CONFIG if stage == "pretrain" else FUSION_CONFIG
-    launcher = ["-m", "dmfuse_jax.training.train"] if hang_after is None else \
+    launcher = ["-m", "dmfuse_jax.train"] if hang_after is None else \
         [str(Path(__file__).with_name("hang_train.py")), str(int(hang_after))]
     return ([sys.executable, *launcher, "--config", path, "--workdir", str(workdir)]
             + [f"--config.{o}" for o in TINY[stage] + list(extra or [])])
@@ -85,7 +85,7 @@ def one_step_on_meshes(stage_name: str, mesh_shapes, batch_size: int = 8) -> dic
     import numpy as np
 
     from dmfuse_jax.data.pipeline import train_dataset
-    from dmfuse_jax.training.sharding import make_mesh
+    from dmfuse_jax.sharding import make_mesh
     from dmfuse_jax.training.train import build_stage
     from dmfuse_jax.training.trainer import Trainer
 

@@ -8,7 +8,8 @@ joins two rooms when a file of one imports a file of the other. Prints:
 - file circles: groups of files that import each other, directly or around a ring;
 - folder loops: groups of rooms that do;
 - arrows that run back up: the arrows inside a loop (with no loop, none can);
-- library rooms that import a command room (`commands/`, `cli.py`, `__main__.py`).
+- library rooms that import a command room (`commands/`, `cli.py`, `__main__.py`, `train.py`: the
+  `python -m dmfuse_jax.train` entry).
 Exit code 1 when any of the last four is non-empty. `tests/test_import_graph.py` runs it.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 PACKAGE = "dmfuse_jax"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-COMMAND_ROOMS = ("commands", "cli", "__main__")
+COMMAND_ROOMS = ("commands", "cli", "__main__", "train")
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

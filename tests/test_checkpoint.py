@@ -115,7 +115,7 @@ def step_dirs(workdir: Path) -> list[str]:
 
 
 def test_sigkill_after_checkpoint_resumes_exactly(runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     root = runs["root"]
     assert runs["rc_kill"] == -signal.SIGKILL
     assert runs["after_interrupt"]["kill"] == [2, 4], "the killed run should have left checkpoints 2 and 4"
@@ -129,7 +129,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(runs):
 
 
 def test_sigterm_saves_and_resumes_exactly(runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     root = runs["root"]
     assert runs["rc_term"] == EXIT_PREEMPTED, runs["after_interrupt"]["term_log"][-3000:]
     assert "stopped by SIGTERM at step 3" in runs["after_interrupt"]["term_log"]
@@ -142,7 +142,7 @@ def test_sigterm_saves_and_resumes_exactly(runs):
 
 
 def test_corrupt_newest_checkpoint_falls_back(runs):
-    from dmfuse_jax.training.checkpoint import CorruptCheckpointWarning, load_params
+    from dmfuse_jax.workdir import CorruptCheckpointWarning, load_params
     root = runs["root"]
     # Reading: load_params skips the damaged step 6 with a warning and returns step 4.
     with pytest.warns(CorruptCheckpointWarning, match="checkpoints/6"):
@@ -165,7 +165,7 @@ def logged_steps(workdir: Path) -> list[int]:
 
 
 def test_a_second_trainer_on_a_workdir_is_refused_and_the_first_ones_checkpoints_are_sound(runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     root, log = runs["root"], runs["second_log"]
     assert runs["rc_second"] == 2, log[-3000:]
     errors = [line for line in log.splitlines() if "error" in line]
@@ -179,7 +179,7 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_the_first_ones_checkpoints
 def test_a_learning_rate_that_blows_up_stops_with_exit_3_and_no_nonfinite_checkpoint(runs):
     import jax
 
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     root = runs["root"]
     log = T.read_log(root / "diverge")
     assert runs["rcs"]["diverge"] == EXIT_DIVERGED, log[-3000:]
@@ -193,7 +193,7 @@ def test_a_learning_rate_that_blows_up_stops_with_exit_3_and_no_nonfinite_checkp
 
 def test_load_workdir_config_and_errors(runs, tmp_path):
     from dmfuse_jax.errors import UserError
-    from dmfuse_jax.training.checkpoint import load_params, load_workdir_config
+    from dmfuse_jax.workdir import load_params, load_workdir_config
     cfg = load_workdir_config(runs["root"] / "reference")
     assert cfg.stage == "pretrain" and cfg.total_steps == 6
     assert cfg.model.unet.channel_mults == (1, 2, 2)  # tuples survive the JSON round trip
@@ -273,7 +273,7 @@ def wrong_checksums(step_dir: Path) -> None:
 @pytest.mark.parametrize("damage", [truncate_train_files, delete_weights_files, wrong_checksums, flip_one_byte],
                          ids=["truncated", "missing", "checksum", "one_byte"])
 def test_damaged_newest_checkpoint_is_set_aside_never_deleted(runs, tmp_path, damage, capfd):
-    from dmfuse_jax.training.checkpoint import CorruptCheckpointWarning
+    from dmfuse_jax.workdir import CorruptCheckpointWarning
     wd = tmp_path / "wd"
     shutil.copytree(runs["root"] / "reference", wd)
     damage(wd / "checkpoints" / "6")
@@ -333,7 +333,7 @@ def fusion_runs(tmp_path_factory):
 
 @pytest.mark.slow  # CI budget: stage-1 SIGKILL resume and the fusion-stage SIGTERM resume (test_data_workers) stay in CI
 def test_fusion_sigkill_after_checkpoint_resumes_exactly(fusion_runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     root = fusion_runs["root"]
     assert fusion_runs["rc_kill"] == -signal.SIGKILL and fusion_runs["left"] == ["2"]
     assert fusion_runs["rc"] == 0, T.read_log(root / "kill")[-3000:]
@@ -347,7 +347,7 @@ def test_checkpoints_written_before_content_checksums_are_refused_not_trusted(ru
     import json
 
     from dmfuse_jax.errors import UserError
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     wd = tmp_path / "wd"
     shutil.copytree(runs["root"] / "reference", wd)
     for step in ("2", "4", "6"):

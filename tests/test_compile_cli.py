@@ -99,7 +99,7 @@ def test_cuda_lowering_has_triton_and_cudnn(case):
     """Lowered for CUDA in this process (no GPU): bf16, the criss-cross Triton kernel and cuDNN attention."""
     import argparse
 
-    from dmfuse_jax.compile_cli import build_report
+    from dmfuse_jax.commands.compile import build_report
     from dmfuse_jax.config_lib import load_config
 
     path = {"fuse": "configs/tiny.py", "pretrain": PRETRAIN, "fusion": "configs/quickstart_fusion.py"}[case]
@@ -160,7 +160,7 @@ def test_fit_table_affine_line_and_status(tmp_path):
 def test_hlo_parsing_collectives_kernel_io_and_oom():
     """The report's readings of XLA's text: collectives (async pairs once, results' bytes), the kernels'
     inputs + outputs (fusion bodies not counted), XLA:TPU's out-of-memory message."""
-    from dmfuse_jax.compile_cli import collectives, kernel_io_bytes, oom_summary
+    from dmfuse_jax.commands.compile import collectives, kernel_io_bytes, oom_summary
 
     hlo = """HloModule m
 %fused (p: f32[8]) -> f32[8] {

@@ -82,7 +82,7 @@ def test_config_flags_forms(tmp_path):
 ])
 def test_train_bad_override_exits_2_with_one_line(capsys, tmp_path, override, message):
     """Twice in one process (absl flags are per call) and through both entry points; no traceback."""
-    from dmfuse_jax.training.train import main as train_main
+    from dmfuse_jax.commands.train import main as train_main
 
     argv = ["--config", str(ROOT / "configs/quickstart_pretrain.py"), "--workdir", str(tmp_path / "w"), override]
     for run in (lambda: main(["train", *argv]), lambda: train_main(argv)):
@@ -96,7 +96,7 @@ def test_train_bad_override_exits_2_with_one_line(capsys, tmp_path, override, me
 def test_info_takes_config_overrides(capsys, monkeypatch):
     """`dmfuse info --config X --config.model.unet.inner_channels=16`: the README's override example
     (the model summary itself is tested above; here only the config it gets)."""
-    import dmfuse_jax.info as info
+    import dmfuse_jax.commands.info as info
 
     seen = []
     monkeypatch.setattr(info, "model_summary", lambda config, *a, **k: seen.append(config) or

@@ -87,7 +87,7 @@ def test_full_size_openai_config_by_shape_evaluation():
     out = jax.eval_shape(module.apply, params, x, t)
     assert (out.shape, out.dtype) == ((2, 256, 256, 6), jnp.float32)
     torch = pytest.importorskip("torch")
-    from dmfuse_jax.ddfm.torch_reference import UNetModel
+    from torch_references.ddfm import UNetModel
     with torch.device("meta"):
         ref = UNetModel(**dict(config.model))
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -114,7 +114,8 @@ def test_em_steps_match_the_authors_em_onestep():
 
 
 def _golden_sampler(module):
-    from dmfuse_jax.ddfm.sampler import Sampler, named_beta_schedule, respaced_tables
+    from dmfuse_jax.ddfm.sampler import Sampler
+    from dmfuse_jax.diffusion.respace import named_beta_schedule, respaced_tables
     tables = respaced_tables(named_beta_schedule("linear", 1000), "10")
     return Sampler(module, "guided_diffusion", tables, lamb=0.5, rho=0.001)
 
@@ -158,7 +159,7 @@ def test_chunked_sampling_is_the_sampler_and_pairs_keep_their_own_em_state(tiny_
 
 def test_torch_reference_reproduces_the_golden_vectors():
     torch = pytest.importorskip("torch")
-    from dmfuse_jax.ddfm.torch_reference import UNetModel, ddim_em_sample
+    from torch_references.ddfm import UNetModel, ddim_em_sample
     model = UNetModel(**TINY_KW).eval()
     model.load_state_dict(torch.load(DDFM / "ddfm_unet_tiny.pth", map_location="cpu", weights_only=True))
     d = np.load(DDFM / "ddfm_sample_io.npz")
@@ -260,7 +261,7 @@ def test_method_is_checked_at_parse_time_and_library_errors_name_parameters(tmp_
     from dmfuse_jax.ddfm.priors import load_prior
     from dmfuse_jax.errors import UserError
     from dmfuse_jax.evaluation.baselines import BASELINES
-    from dmfuse_jax.inference.fuse_cli import BASELINE_METHODS, MODEL_METHODS
+    from dmfuse_jax.commands.fuse import BASELINE_METHODS, MODEL_METHODS
     from dmfuse_jax.inference.fuser import MethodFuser
 
     assert BASELINE_METHODS == tuple(BASELINES) and set(MODEL_METHODS) == {"ddfm"}

@@ -122,7 +122,7 @@ def test_eval_rows_in_metrics_jsonl_tensorboard_and_csv(runs):
 
 
 def test_params_bit_identical_with_and_without_evals(runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
 
     a = load_params(runs["root"] / "evals", step=4)
     b = load_params(runs["root"] / "plain", step=4)
@@ -132,8 +132,8 @@ def test_params_bit_identical_with_and_without_evals(runs):
 
 
 def test_best_checkpoint_is_the_argmax_across_the_resume(runs):
-    from dmfuse_jax.training.best import best_info, load_best_params
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import best_info, load_best_params
+    from dmfuse_jax.workdir import load_params
 
     wd = runs["root"] / "evals"
     qabf = {s: r["eval/holdout/raw/Qabf"] for s, r in eval_rows(wd).items()}
@@ -151,10 +151,10 @@ def test_best_checkpoint_is_the_argmax_across_the_resume(runs):
 
 def test_fuse_export_take_step_best(runs, tmp_path):
     from dmfuse_jax.cli import main
-    from dmfuse_jax.training.best import best_info, load_best_params
+    from dmfuse_jax.workdir import best_info, load_best_params
 
     from dmfuse_jax.inference.checkpoints import resolve
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
 
     wd = runs["root"] / "evals"
     best_params, best = load_best_params(wd)

@@ -161,7 +161,7 @@ def _fake_workdir(path, config, weights):
     """A workdir as `dmfuse train` leaves it, written with the training module's own names."""
     import orbax.checkpoint as ocp
 
-    from dmfuse_jax.training import checkpoint as ck
+    from dmfuse_jax import workdir as ck
 
     ck.write_config(path, config)
     mgr = ocp.CheckpointManager((path / ck.CHECKPOINT_DIR).absolute(),

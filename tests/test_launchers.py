@@ -25,7 +25,7 @@ SCRIPTS = ["local_cpu_processes.sh", "multihost.sh", "single_host.sh", "slurm_gp
 
 def accepted_by_train_cli(argv: list[str]):
     """Parses `dmfuse train` arguments with the real parser (unknown flags or values fail)."""
-    from dmfuse_jax.training import train
+    from dmfuse_jax.commands import train
 
     parser = argparse.ArgumentParser(prog="dmfuse train", exit_on_error=False)
     train.add_arguments(parser)

@@ -80,7 +80,7 @@ def logs_of(runs, *names):
 def test_two_processes_equal_one_process(runs):
     import jax
 
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     assert runs["rcs"][:3] == [0, 0, 0], logs_of(runs, "single", "multi_0", "multi_1")
     assert "2 process(es)" in runs["logs"]["multi_0"], runs["logs"]["multi_0"][-2000:]
     root = runs["root"]
@@ -108,7 +108,7 @@ def assert_trees_equal(a, b, what: str) -> None:
 
 
 def test_two_process_run_resumes_exactly(runs):
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     assert runs["rcs"][3:5] == [0, 0], logs_of(runs, "resume2_0", "resume2_1")
     assert "resumed from" in runs["logs"]["resume2_0"] and "/checkpoints/2" in runs["logs"]["resume2_0"]
     root = runs["root"]
@@ -120,7 +120,7 @@ def test_two_process_run_resumes_exactly(runs):
 def test_two_process_checkpoint_resumes_on_one_process(runs):
     import jax
 
-    from dmfuse_jax.training.checkpoint import load_params
+    from dmfuse_jax.workdir import load_params
     log = runs["logs"]["resume1"]
     assert runs["rcs"][5] == 0, log[-3000:]
     assert "resumed from" in log and "data position re-derived from step 2" in log, log[-3000:]

@@ -28,7 +28,7 @@ def no_work(monkeypatch):
     """Model loading and scoring fail the test if reached: the output check must come first."""
     def reached(*a, **k):
         raise AssertionError("reached the work before checking the output")
-    import dmfuse_jax.evaluation.cli as evaluate_cli
+    import dmfuse_jax.commands.evaluate as evaluate_cli
     import dmfuse_jax.inference.checkpoints as checkpoints
     import dmfuse_jax.training.train as train
 

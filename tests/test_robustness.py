@@ -114,7 +114,7 @@ def test_a_flat_version_3_bundle_names_a_flipped_byte_and_a_truncated_file(tmp_p
     """Bundles are written as version 3 (one params.bin); the quickstart test bundle above is a version 2
     (orbax) bundle, which is still read."""
     from dmfuse_jax.config_lib import load_config
-    from dmfuse_jax.inference.params import random_params
+    from dmfuse_jax.models.params import random_params
 
     config = load_config(str(ROOT / "configs" / "tiny.py"))
     params = random_params(config, 0)
@@ -324,7 +324,7 @@ def test_content_hash_catches_any_one_byte_flip_same_on_host_and_device():
     import jax
     import jax.numpy as jnp
 
-    from dmfuse_jax.training import checkpoint as ck
+    from dmfuse_jax import workdir as ck
 
     rng = np.random.default_rng(0)
     tree = {"f32": rng.standard_normal((5, 7)).astype(np.float32), "i32": np.arange(6, dtype=np.int32) - 3,

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     from dmfuse_jax.models.criss_cross import criss_cross_attention
-    from dmfuse_jax.training.sharding import batch_sharding, make_mesh
+    from dmfuse_jax.sharding import batch_sharding, make_mesh
     assert jax.device_count() == 8, jax.devices()
     report = {}
 

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dmfuse_jax.conversion import torch_reference as tr  # noqa: E402
+from torch_references import dmfuse as tr  # noqa: E402
 
 from conftest import GOLDEN, ROOT, WEIGHTS  # noqa: E402
 

@@ -45,7 +45,7 @@ def run_quickstart(tmp_path, pretrain_overrides, fusion_overrides, env):
 
 
 def check_quickstart(pre, fus, out_fus, evals=False):
-    from dmfuse_jax.training.checkpoint import load_params, load_workdir_config
+    from dmfuse_jax.workdir import load_params, load_workdir_config
     lp, lf = losses(pre), losses(fus)
     assert lp[-1] < 0.8 * lp[0], f"pretraining loss did not go down: {lp}"
     assert lf[-1] < lf[0], f"fusion loss did not go down: {lf}"

@@ -130,7 +130,7 @@ def load_like(path: str | os.PathLike, part: str, template, what: str) -> dict:
 
 def load_part(path: str | os.PathLike, part: str, config) -> dict:
     """The `part` params of `config`'s model from a flat npz (see `load_like`)."""
-    from dmfuse_jax.inference.params import param_shapes
+    from dmfuse_jax.models.params import param_shapes
 
     return load_like(path, part, param_shapes(config)[part], f"the {part} of {_config_desc(config)}")
 
@@ -139,7 +139,7 @@ def load_model(config, *, unet: str | None = None, head: str | None = None,
                params: str | None = None) -> dict:
     """{'unet', 'head'} float32 params of `config`'s model from npz files: `params` (one file with
     unet/ and head/ keys) or `unet` + `head` (one file each)."""
-    from dmfuse_jax.inference.params import param_shapes
+    from dmfuse_jax.models.params import param_shapes
 
     if params is not None:
         if unet is not None or head is not None:

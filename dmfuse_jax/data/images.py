@@ -291,3 +291,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes a UTF-8 text file atomically (temporary file in the same folder, then renamed)."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """(N, H, W, C) -> one (rows H, cols W, C) mosaic, blank cells at the end."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    grid = np.ones((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid

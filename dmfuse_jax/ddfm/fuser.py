@@ -64,7 +64,8 @@ class DDFMFuser(PairFusion):
         import jax
 
         from dmfuse_jax.ddfm.config import ddfm_config
-        from dmfuse_jax.ddfm.sampler import Sampler, respaced_tables
+        from dmfuse_jax.ddfm.sampler import Sampler
+        from dmfuse_jax.diffusion.respace import respaced_tables
 
         if self.prior is None:
             raise TypeError("DDFMFuser needs a prior (dmfuse_jax.ddfm.priors.load_prior)")

@@ -73,7 +73,7 @@ def sr3_prior(config, unet_params, source: str, dtype: str | None = None, notes=
 
 def guided_prior(config, params, source: str, dtype: str | None = None) -> Prior:
     from dmfuse_jax.ddfm.config import build_guided_unet
-    from dmfuse_jax.ddfm.sampler import named_beta_schedule
+    from dmfuse_jax.diffusion.respace import named_beta_schedule
 
     from dmfuse_jax.ddfm.config import FIXED_SAMPLER
 

@@ -1,4 +1,5 @@
-"""Diffusion maths: the noise schedule, q_sample, the DDPM loss and ancestral sampling."""
+"""Diffusion maths: the noise schedule, q_sample, the DDPM loss and ancestral sampling (`gaussian.py`);
+respaced schedules for DDIM sampling (`respace.py`)."""
 from dmfuse_jax.diffusion.gaussian import (  # noqa: F401
     Schedule,
     ddpm_loss,

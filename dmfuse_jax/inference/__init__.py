@@ -2,6 +2,6 @@
 
 Modules: `fuser` (Python API), `checkpoints` (what `--checkpoint` may name), `bundle` (config + params,
 orbax), `export` (`jax.export` artefact; `standalone_loader` runs it without the model code),
-`colour` (grey / YCbCr / medical routing), `buckets` (shape buckets), `fuse_cli`, `export_cli`.
+`colour` (grey / YCbCr / medical routing), `buckets` (shape buckets). The commands are in `dmfuse_jax/commands/`.
 Nothing heavy is imported here.
 """

@@ -219,7 +219,7 @@ def restore_params(path: Path, expected: dict[str, str] | None = None) -> Any:
     import jax
     import orbax.checkpoint as ocp
 
-    from dmfuse_jax.training.checkpoint import settle_reads_before_closing_loops
+    from dmfuse_jax.workdir import settle_reads_before_closing_loops
 
     settle_reads_before_closing_loops()  # a damaged file: one error, not a traceback per array
     path = Path(path).absolute()

@@ -23,7 +23,7 @@ import numpy as np
 
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import bundle as bundle_lib
-from dmfuse_jax.inference.params import check_params_fit, param_shapes
+from dmfuse_jax.models.params import check_params_fit, param_shapes
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "default_bundle"
 # Which fusion head the bundled default model uses per fuse mode, when no checkpoint is given: a
@@ -108,21 +108,21 @@ def parse_step(step) -> int | str | None:
 
 
 def _workdir_params(path: Path, ema: bool, step):
-    from dmfuse_jax.training import checkpoint as ck
+    from dmfuse_jax import workdir as ck
 
     if step == "best":
-        from dmfuse_jax.training.best import load_best_params
+        from dmfuse_jax.workdir import load_best_params
         params, _ = load_best_params(path, ema=ema)
         return params
     return ck.load_params(path, ema=ema, step=step)
 
 
 def _load_workdir(path: Path, ema: bool | None, notes: list, step=None):
-    from dmfuse_jax.training import checkpoint as ck
+    from dmfuse_jax import workdir as ck
 
     config = ck.load_workdir_config(path)
     if step == "best":
-        from dmfuse_jax.training.best import best_info
+        from dmfuse_jax.workdir import best_info
         info = best_info(path) or {}
         notes.append(f"{path}: best checkpoint, step {info.get('step')} ({info.get('metric')} = {info.get('value')})")
     elif step is not None:

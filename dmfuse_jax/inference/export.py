@@ -42,10 +42,11 @@ def export_fuse(config, params, *, dtype: str | None = None, platforms: Sequence
     import jax.numpy as jnp
     from jax import export as jax_export
 
-    from dmfuse_jax.inference.fuser import _portable, fuse_function
-    from dmfuse_jax.inference.params import cached_model, config_key
+    from dmfuse_jax.models.builders import portable_config
+    from dmfuse_jax.inference.fuser import fuse_function
+    from dmfuse_jax.models.params import cached_model, config_key
 
-    config = _portable(config)
+    config = portable_config(config)
     dtype = dtype or config.model.get("dtype", "float32")
     model, cfg = cached_model(config_key(config, dtype))
     store = jnp.dtype(dtype)

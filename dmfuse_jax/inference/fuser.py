@@ -21,9 +21,8 @@ needed, bytes available, the largest square that would fit) before any image of 
 from __future__ import annotations
 
 import functools
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,21 +31,12 @@ from dmfuse_jax import compilation
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.inference import buckets, colour
 from dmfuse_jax.inference.colour import FuseInputError  # noqa: F401 - part of the API (bad arrays)
-from dmfuse_jax.inference.params import cached_model, check_params_fit, config_key, param_signature
-from dmfuse_jax.inference.params import random_params  # noqa: F401 - part of the API (random models)
+from dmfuse_jax.models.params import cached_model, check_params_fit, config_key, param_signature
+from dmfuse_jax.models.params import random_params  # noqa: F401 - part of the API (random models)
 
 # Incremented each time the fuse function is traced (a Python side effect runs only while tracing):
 # tests use it to prove that a folder of mixed sizes compiles once per bucket, not once per image.
 TRACE_COUNT = [0]
-
-
-def _portable(config):
-    """The config with the XLA attention paths (no Pallas/cuDNN kernels): for the exported artefact."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.model.head.caim_impl = "reference"
-        config.model.unet.attention_impl = "xla"
-    return config
 
 
 def fuse_function(model, input_range: str, passes: str = "batched") -> Callable:
@@ -86,7 +76,6 @@ def fuse_function(model, input_range: str, passes: str = "batched") -> Callable:
 
 # (config key, batch, height, width) -> compiled executable, for the whole process.
 _EXECUTABLES: dict[tuple, Any] = {}
-_STATS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=32)
@@ -112,7 +101,7 @@ class Pending:
         return self._host
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only, so a subclass's own fields come first: Fuser(config, params)
 class PairFusion:
     """The shared front: array checks, size matching, colour routing. Subclasses fuse luminance.
 
@@ -178,8 +167,9 @@ class Fuser(PairFusion):
     plan still checks the memory and may shrink the batch).
     """
 
-    config: Any = None
+    config: Any = None  # positional: Fuser(config, params); the rest by keyword only
     params: Any = None
+    _: KW_ONLY
     seed: int = 0
     bucket: int = buckets.DEFAULT_MULTIPLE
     max_buckets: int | None = buckets.DEFAULT_MAX_BUCKETS
@@ -231,31 +221,12 @@ class Fuser(PairFusion):
             exe = executable_cache.load_or_compile(
                 "fuse", program, lambda: _jitted(self._key, passes).trace(self._device_params, img, img, seed),
                 in_tree, out_tree, notes=self.notes, timings=timings)
-            with _STATS_LOCK:  # `prepare` gets executables from several threads
-                _EXECUTABLES[key] = exe
-                for k in ("trace_s", "lower_s", "compile_s", "load_s"):
-                    self.stats[k] += timings.get(k, 0.0)
-                self.stats["executables_s"] += time.perf_counter() - t
-                self.stats["loaded" if timings.get("loaded") else "compiled"].append(shape)
+            _EXECUTABLES[key] = exe
+            for k in ("trace_s", "lower_s", "compile_s", "load_s"):
+                self.stats[k] += timings.get(k, 0.0)
+            self.stats["executables_s"] += time.perf_counter() - t
+            self.stats["loaded" if timings.get("loaded") else "compiled"].append(shape)
         return exe
-
-    def prepare(self, shapes: Sequence[tuple[int, int, int]], workers: int | None = None) -> None:
-        """Gets the batched executables of (batch, height, width) `shapes` ready at once: loaded, or
-        compiled in `workers` threads (default: one per CPU core, at most one per shape). XLA compiles
-        outside the GIL, so a folder's buckets compile side by side instead of one after another;
-        `memory_plan` and `dispatch` then find them ready. Results are those of a serial compile."""
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        todo = [s for s in dict.fromkeys(tuple(s) for s in shapes) if (self._key,) + s not in _EXECUTABLES]
-        workers = min(len(todo), workers or os.cpu_count() or 1)
-        if workers <= 1:
-            for s in todo:
-                self._executable(*s)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            for f in [pool.submit(self._executable, *s) for s in todo]:
-                f.result()
 
     def memory_plan(self, batch: int, height: int, width: int, ceiling: bool = False) -> "memory.MemoryPlan":
         """How a batch of `batch` images padded to (height, width) (a bucket) will run: the batch and

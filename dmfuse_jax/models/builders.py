@@ -48,3 +48,13 @@ def build_schedule(config) -> Schedule:
 def build_dmfuse(config, dtype: str | None = None) -> DMFuse:
     return DMFuse(unet=build_unet(config, dtype), head=build_fusion_head(config, dtype),
                   schedule=build_schedule(config), timesteps=tuple(config.model.timesteps))
+
+
+def portable_config(config):
+    """`config` with the portable implementations (XLA self-attention, jnp criss-cross), whose matmuls
+    the counting can see; FLOP-for-FLOP the same work as the kernels."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.head.caim_impl = "reference"
+        config.model.unet.attention_impl = "xla"
+    return config

@@ -156,9 +156,9 @@ def _pallas_available() -> bool:
 
 def batch_axes_of(mesh, batch: int) -> tuple[str, ...]:
     """The axes of `mesh` (the context mesh) that split a batch of `batch` examples: the mesh axes of
-    the logical 'batch' axis (training.sharding.RULES) of size > 1, not already manual (inside a
+    the logical 'batch' axis (sharding.RULES) of size > 1, not already manual (inside a
     shard_map). () when they do not divide `batch` (the caller then runs unsharded)."""
-    from dmfuse_jax.training.sharding import RULES
+    from dmfuse_jax.sharding import RULES
 
     names = RULES["batch"] if isinstance(RULES["batch"], tuple) else (RULES["batch"],)
     if mesh.empty:

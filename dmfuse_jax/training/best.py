@@ -25,22 +25,10 @@ from dmfuse_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BEST_DIR = "best"
 MODES = ("max", "min")
 
 
-def _manager(directory: Path, mode: str, read_only: bool = False):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else 1, best_fn=lambda m: float(m["value"]), best_mode=mode,
-        keep_checkpoints_without_metrics=False, create=not read_only, read_only=read_only,
-        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=not read_only)
-    handlers = {"weights": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
-    from dmfuse_jax.training.checkpoint import _quiet
-    with _quiet():  # orbax's "directory is read only" note
-        return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+from dmfuse_jax.workdir import BEST_DIR, best_manager as _manager  # noqa: E402
 
 
 class BestCheckpoint:
@@ -89,7 +77,7 @@ class BestCheckpoint:
             return False
         import jax
 
-        from dmfuse_jax.training.checkpoint import CHECKSUM, array_hashes, leaf_names
+        from dmfuse_jax.workdir import CHECKSUM, array_hashes, leaf_names
 
         t = time.perf_counter()
         weights, _ = state.split_items()
@@ -109,59 +97,3 @@ class BestCheckpoint:
         self.manager.wait_until_finished()
         self.save_seconds += time.perf_counter() - t
         self.manager.close()
-
-
-def best_info(workdir) -> dict | None:
-    """{'step', 'metric', 'mode', 'value'} of a workdir's best checkpoint, or None."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(workdir) / BEST_DIR
-    if not directory.is_dir():
-        return None
-    from dmfuse_jax.training.checkpoint import _quiet
-    mgr = _manager(directory, "max", read_only=True)
-    try:
-        step = mgr.best_step()
-        if step is None:
-            return None
-        with _quiet():
-            meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return {k: meta[k] for k in ("step", "metric", "mode", "value")}
-    finally:
-        mgr.close()
-
-
-def load_best_params(workdir, ema: bool | None = None):
-    """The params (or EMA params) of a workdir's best checkpoint, as numpy (the shape of
-    `checkpoint.load_params`; ema: None = EMA when it has them, as there), after checking their
-    checksums. UserError when there is none."""
-    import orbax.checkpoint as ocp
-
-    from dmfuse_jax.training.checkpoint import (_quiet, _restore_host_item, assemble_params, check_checksum_kind,
-                                                compare_hashes, host_hashes, leaf_names, load_workdir_config)
-
-    load_workdir_config(workdir)
-    directory = Path(workdir) / BEST_DIR
-    steps = []
-    mgr = _manager(directory, "max", read_only=True) if directory.is_dir() else None
-    try:
-        steps = sorted(mgr.all_steps()) if mgr is not None else []
-        if not steps:
-            raise UserError(f"{directory}: no best checkpoint in {workdir} (set config.checkpoint.best.metric "
-                            "to an eval of config.evals when training)")
-        step = mgr.best_step() or steps[-1]
-        weights = _restore_host_item(mgr, step, "weights")
-        with _quiet():
-            meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        try:
-            where = str(directory / str(step))
-            check_checksum_kind(meta, where)
-            if meta.get("checksum_names") != leaf_names(weights):
-                raise ValueError(f"{where}/weights: arrays differ from the recorded ones")
-            compare_hashes(meta["checksum_names"], host_hashes(weights), meta["checksums"], f"{where}/weights")
-        except Exception as e:  # noqa: BLE001 - damaged best checkpoint: say so, never fall back silently
-            raise UserError(f"{directory / str(step)}: the best checkpoint fails its check: {e}") from None
-        return assemble_params(weights, ema), step
-    finally:
-        if mgr is not None:
-            mgr.close()

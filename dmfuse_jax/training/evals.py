@@ -407,7 +407,7 @@ class SampleGrid:
 
     def run(self, state, step: int) -> dict[str, float]:
         from dmfuse_jax.data.images import from_model_range
-        from dmfuse_jax.training.pretrain import image_grid
+        from dmfuse_jax.data.images import image_grid
 
         with jax.set_mesh(self.trainer.mesh):
             p = _params_of(state, self.variant)

@@ -23,15 +23,10 @@ from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.errors import UserError
 from dmfuse_jax.models.builders import build_dmfuse
 from dmfuse_jax.training.fusion_loss import fusion_loss_from_config
-from dmfuse_jax.training.pretrain import image_grid
+from dmfuse_jax.data.images import image_grid
+from dmfuse_jax.sharding import put_tree
 
 log = logging.getLogger(__name__)
-
-
-def put_tree(tree, shardings):
-    """Host numpy pytree (the same on every process) -> global arrays with `shardings`."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
 
 
 def check_tree(got, template, what: str) -> None:
@@ -46,7 +41,7 @@ def check_tree(got, template, what: str) -> None:
 
 def unet_from_workdir(workdir: str, ema: bool, config) -> dict:
     """The UNet params of a stage-1 workdir; its model.unet config must equal this config's."""
-    from dmfuse_jax.training.checkpoint import load_params, load_workdir_config
+    from dmfuse_jax.workdir import load_params, load_workdir_config
 
     path = resolve_path(workdir, "init.unet_workdir")
     theirs = load_workdir_config(path)

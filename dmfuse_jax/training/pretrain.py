@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax import compilation
-from dmfuse_jax.data.images import from_model_range
+from dmfuse_jax.data.images import from_model_range, image_grid
 from dmfuse_jax.data.pipeline import resolve_path
 from dmfuse_jax.data.pretrain import ImageFolderSource, PretrainTransform, TfdsSource
 from dmfuse_jax.diffusion.gaussian import ddpm_loss, p_sample_loop
@@ -26,17 +26,6 @@ SOURCES = {
                                                    cache_path=Path(workdir) / "filelist.json"),
     "tfds": lambda d, workdir: TfdsSource(d.tfds_name, d.get("tfds_split", "train"), d.get("tfds_data_dir") or None),
 }
-
-
-def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
-    """(N, H, W, C) -> one (rows H, cols W, C) mosaic, blank cells at the end."""
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    grid = np.ones((rows * h, cols * w, c), images.dtype)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
 
 
 class PretrainStage:
@@ -76,7 +65,7 @@ class PretrainStage:
         if not path:
             return state
         from dmfuse_jax.conversion.npz import load_like
-        from dmfuse_jax.training.fusion import put_tree
+        from dmfuse_jax.sharding import put_tree
 
         path = resolve_path(path, "init.unet_params")
         unet = load_like(path, "unet", state.params, "this config's UNet")

@@ -1,28 +1,14 @@
-"""`dmfuse train --config configs/<file>.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]`
-
-Trains the stage the config names (`config.stage`: 'pretrain' = DDPM pretraining of the UNet,
-'fusion' = the fusion head on a frozen UNet), resuming from the workdir's latest checkpoint.
-Also runs as `python -m dmfuse_jax.train ...` (or `python -m dmfuse_jax.training.train ...`).
-`--config` and its overrides are ml_collections config flags: each `--config.KEY=VALUE` is parsed as
-the type of that key (tuples as `--config.model.timesteps="(5, 50)"`, booleans also as
-`--config.KEY` / `--noconfig.KEY`); an unknown key or a value of the wrong type exits with code 2.
-
-Several processes (hosts): set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID on each, or pass --distributed on a cluster JAX detects itself (SLURM, Cloud TPU
-VMs, Open MPI); see launch/.
+"""Training a stage from a config: the stage registry, the workdir's preparation and lock, the device
+check and `train(config, workdir)`, which `dmfuse train` (`commands/train.py`) calls.
 
 Before anything is written: the config's values are checked (`config_lib.validate_config`, and the
 mesh against the devices), then the workdir is locked (`lock.py`: one writer per workdir; process 0
-holds it). Exit codes: 0 done, 1 a system failure while saving (one line), 2 bad input or a locked
-workdir, 3 diverged (non-finite loss), 75 preempted (checkpoint saved; run again), 130 Ctrl-C
-(`dmfuse_jax.errors`).
+holds it).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from dmfuse_jax.errors import UserError
@@ -32,10 +18,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("dmfuse_jax.training.pretrain", "PretrainStage"),
     "fusion": ("dmfuse_jax.training.fusion", "FusionStage"),
 }
-
-# The `dmfuse` CLI hands the arguments argparse does not know (--config.KEY=VALUE) to `run` as
-# args.config_flags, for ml_collections.config_flags.
-CONFIG_FLAGS = True
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "checkpoint_every_steps", "stage")
 
@@ -48,18 +30,6 @@ def build_stage(config):
         raise UserError(f"config.stage is {name!r}; expected one of {sorted(STAGES)}")
     module, cls = STAGES[name]
     return getattr(importlib.import_module(module), cls)(config)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="training config file (configs/*.py, or FILE.py:ARG for get_config(ARG)); "
-                             "override any key with --config.KEY=VALUE, e.g. --config.total_steps=1000")
-    parser.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, tensorboard/, samples")
-    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                        help="multi-process init: 'auto' (when JAX_COORDINATOR_ADDRESS is set), 'on' "
-                             "(also detect SLURM / Cloud TPU / MPI), 'off' (default: %(default)s)")
-    from dmfuse_jax.compilation import add_cache_argument
-    add_cache_argument(parser)
 
 
 def initialize_distributed(mode: str = "auto") -> None:
@@ -93,8 +63,7 @@ def prepare_workdir(config, workdir: str) -> None:
     is written; other changes (steps, data, logging) are recorded with a warning."""
     import jax
 
-    from dmfuse_jax.training.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, check_config, config_record,
-                                                load_workdir_config, write_config)
+    from dmfuse_jax.workdir import CHECKPOINT_DIR, CONFIG_FILE, check_config, config_record, load_workdir_config, write_config
 
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(path):
@@ -111,7 +80,7 @@ def prepare_workdir(config, workdir: str) -> None:
 
 def check_devices(config) -> None:
     """The mesh shape against this run's devices, and the global batch against the mesh (UserError)."""
-    from dmfuse_jax.training import sharding as shd
+    from dmfuse_jax import sharding as shd
 
     mesh = shd.make_mesh(tuple(config.sharding.mesh_shape)) if "sharding" in config else shd.make_mesh()
     shd.check_batch(int(config.batch_size), mesh)
@@ -161,48 +130,3 @@ def train(config, workdir: str) -> dict:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
-    """The CLI's warnings: one line each (the category and the message, no source line)."""
-    return f"{category.__name__}: {message}\n"
-
-
-def run(args) -> int:
-    from dmfuse_jax.config_lib import config_from_flags
-    from dmfuse_jax.data.images import check_output_path
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from dmfuse_jax.compilation import enable_persistent_cache
-
-    config = config_from_flags(args.config, getattr(args, "config_flags", ()))
-    check_output_path(args.workdir, "--workdir", folder=True)  # before waiting for other processes
-    cache = enable_persistent_cache(getattr(args, "compilation_cache", None))
-    logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
-    initialize_distributed(args.distributed)
-    import warnings
-
-    from dmfuse_jax.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, CommandFailed
-
-    warnings.formatwarning = _one_line_warnings
-    try:
-        summary = train(config, args.workdir)
-    except CommandFailed as e:
-        print(f"dmfuse train: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    if summary["preempted"] == "SIGINT":
-        return EXIT_INTERRUPTED
-    return EXIT_PREEMPTED if summary["preempted"] else 0
-
-
-def main(argv=None) -> int:
-    """`python -m dmfuse_jax.train ...`: the same as `dmfuse train ...`."""
-    from dmfuse_jax.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

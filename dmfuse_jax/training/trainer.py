@@ -23,7 +23,7 @@ import optax
 from dmfuse_jax import compilation
 from dmfuse_jax.data.pipeline import place_batch, train_dataset, train_iterator
 from dmfuse_jax.errors import TrainingDiverged, UserError
-from dmfuse_jax.training import sharding as shd
+from dmfuse_jax import sharding as shd
 from dmfuse_jax.training.state import TrainState, apply_gradients, initial_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,8 @@ def fit(config, workdir: str | os.PathLike, stage, on_step: Callable | None = No
     from tqdm import tqdm
 
     from dmfuse_jax.startup import Phases
-    from dmfuse_jax.training.checkpoint import Checkpointer, PreemptionWatch
+    from dmfuse_jax.training.checkpoint import Checkpointer
+    from dmfuse_jax.training.preemption import PreemptionWatch
 
     phases = Phases()  # the start-up line printed after the first step (benchmarks/startup.py reads it)
     phases.mark("imports")  # and the config, up to here

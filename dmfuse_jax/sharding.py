@@ -102,3 +102,9 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
                         f"mesh {dict(mesh.shape)}")
     if global_batch % jax.process_count():
         raise UserError(f"batch_size {global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def put_tree(tree, shardings):
+    """Host numpy pytree (the same on every process) -> global arrays with `shardings`."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)

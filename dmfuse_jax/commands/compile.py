@@ -261,7 +261,7 @@ def fuse_target(config, size, batch, device, platforms=None):
 
     from dmfuse_jax import compilation
     from dmfuse_jax.inference.fuser import fuse_function
-    from dmfuse_jax.inference.params import cached_model, config_key, param_shapes
+    from dmfuse_jax.models.params import cached_model, config_key, param_shapes
 
     model, cfg = cached_model(config_key(config))
     stride = model.unet.total_stride
@@ -395,7 +395,7 @@ def build_report(config, args) -> dict:
     import numpy as np
 
     from dmfuse_jax import accelerators as acc
-    from dmfuse_jax.training import sharding as shd
+    from dmfuse_jax import sharding as shd
 
     chip = acc.chip_for(args.topology)
     cuda = acc.is_cuda(args.topology)
@@ -441,7 +441,7 @@ def build_report(config, args) -> dict:
         if cuda and args.what == "train":
             r["hbm_estimate"] = hbm_estimate_train(trainer)  # traces the GPU branches again
 
-    # traced with the portable kernels (flops.portable_config): the same matmuls as the GPU's or TPU's
+    # traced with the portable kernels (models.builders.portable_config): the same matmuls as the GPU's or TPU's
     analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
     if cuda:
         text = lowered.as_text()

@@ -1,4 +1,4 @@
-"""`dmfuse report WORKDIR`: one PNG and a markdown summary of a training run.
+"""A training run's report (`dmfuse report WORKDIR`, `commands/report.py`): one PNG and a markdown summary.
 
   dmfuse report workdirs/quickstart_fusion            # -> WORKDIR/report.png, WORKDIR/report.md
   dmfuse report workdirs/quickstart_fusion --out reports/qs
@@ -12,7 +12,6 @@ and best value of every eval and where the best checkpoint is. Both are written 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -25,11 +24,6 @@ from dmfuse_jax.errors import UserError
 TRAIN_KEYS = (("train/loss", "training loss"), ("train/learning_rate", "learning rate"),
               ("train/grad_norm", "gradient norm"))
 PREVIEW_GLOBS = ("evals/*/step_*.png", "samples/step_*.png", "previews/step_*.png")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workdir", help="training workdir (with metrics.jsonl)")
-    p.add_argument("--out", default=None, help="folder for report.png and report.md (default: the workdir)")
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -98,7 +92,7 @@ def build_report(workdir, out=None) -> tuple[Path, Path]:
     import numpy as np
 
     from dmfuse_jax.data.images import read_image, write_bytes_atomic, write_text_atomic
-    from dmfuse_jax.training.best import best_info
+    from dmfuse_jax.workdir import best_info
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -192,7 +186,7 @@ def markdown(workdir: Path, s, best, last_step: int, preview, png: Path, md: Pat
         except (OSError, ValueError):
             stage = None
         use = (f"`dmfuse fuse --checkpoint {workdir} --step best ...`" if stage == "fusion" else
-               "`dmfuse_jax.training.best.load_best_params(workdir, ema=True)`")
+               "`dmfuse_jax.workdir.load_best_params(workdir, ema=True)`")
         lines += [f"Best checkpoint: step {best['step']}, `{best['metric']}` = {best['value']:.6g} ({best['mode']}), "
                   f"in `{workdir / 'best'}`; use it with {use}.", ""]
     else:
@@ -200,9 +194,3 @@ def markdown(workdir: Path, s, best, last_step: int, preview, png: Path, md: Pat
     if preview is not None:
         lines += [f"Last preview grid: `{preview}`.", ""]
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    png, md = build_report(args.workdir, args.out)
-    print(f"wrote {png} and {md}")
-    return 0

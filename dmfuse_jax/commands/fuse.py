@@ -159,7 +159,6 @@ def memory_plan(fuser, plan, pairs, sizes, show: bool) -> bool:
         if show:
             raise UserError("--plan: a memory plan is made for the DMFuse model only (not --method)")
         return False
-    fuser.prepare([shape for shape, _ in plan])  # the buckets' executables, compiled side by side
     for b, hb, wb in dict.fromkeys(shape for shape, _ in plan):
         idx = [i for shape, ids in plan if shape == (b, hb, wb) for i in ids]
         names = sorted({f"{sizes[i][1]}x{sizes[i][0]}" for i in idx})
@@ -187,7 +186,7 @@ def run(args) -> int:
     if uses_model:
         import jax  # noqa: F401 - imported here so that its import is a phase of its own
 
-        from dmfuse_jax.inference import fuser as _  # noqa: F401
+        from dmfuse_jax.inference import fuser as _fuser_module  # noqa: F401
     phases.mark("imports")
 
     if args.plan and args.method is not None:
@@ -303,7 +302,7 @@ def run(args) -> int:
         print(f"fused {len(pairs)} pair(s) in {total:.2f} s; fusing {run_s:.2f} s = {len(pairs) / run_s:.2f} pairs/s "
               f"({1e3 * run_s / len(pairs):.1f} ms/pair) -> {out_where}")
         print(f"start-up {phases.total() - phases.seconds['rest']:.2f} s to the first batch written: model and "
-              f"executables {load_s:.2f} s ({got}{'; ' + parts + ' s over all threads' if parts else ''}); "
+              f"executables {load_s:.2f} s ({got}{'; ' + parts + ' s' if parts else ''}); "
               f"phases: {phases.line()} s")
     else:
         print(f"fused {len(pairs)} pair(s) in {total:.2f} s ({len(pairs) / total:.2f} pairs/s); "
@@ -312,6 +311,6 @@ def run(args) -> int:
         st = getattr(fuser, "stats", {})
         phases.counts.update(pairs=len(pairs), buckets=n_buckets, compiled=len(st.get("compiled", [])),
                              loaded=len(st.get("loaded", [])),
-                             **{f"{k}_s_all_threads": st.get(f"{k}_s", 0.0) for k in ("trace", "lower", "compile", "load")})
+                             **{f"{k}_s": st.get(f"{k}_s", 0.0) for k in ("trace", "lower", "compile", "load")})
         phases.write_json(args.timings_json, load_phases=list(LOAD_PHASES))
     return 0

@@ -111,20 +111,6 @@ def _check_fit(module, params, source, shape, _cond):
         raise UserError(f"{source}: prior params do not fit the config: " + " | ".join(parts))
 
 
-def load_flat_npz(path: str | Path) -> dict:
-    """A flat npz (keys 'a/b/kernel') -> nested float32 numpy tree."""
-    from flax.traverse_util import unflatten_dict
-
-    try:
-        with np.load(path) as z:
-            flat = {tuple(k.split("/")): np.asarray(z[k], np.float32) for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable npz: {e}") from None
-    if not flat:
-        raise UserError(f"{path}: empty npz")
-    return unflatten_dict(flat)
-
-
 def load_prior(spec: str | Path | None = None, *, config=None, dtype: str | None = None) -> Prior:
     """See the module docstring. `config`: a config file path or ConfigDict (when the spec needs one)."""
     from dmfuse_jax.inference import bundle as bundle_lib
@@ -142,7 +128,11 @@ def load_prior(spec: str | Path | None = None, *, config=None, dtype: str | None
         if config is None or is_ddfm_config(config):
             raise UserError(f"{path}: a flat npz of SR3 UNet params needs --config (a DMFuse model config, "
                             "e.g. configs/dmfuse_quarter.py)")
-        return sr3_prior(config, load_flat_npz(path), str(path), dtype)
+        from dmfuse_jax.inference.checkpoints import load_part
+        from dmfuse_jax.models.params import param_shapes
+
+        unet = load_part(path, "unet", param_shapes(config)["unet"], key="--prior", what="the --config's UNet")
+        return sr3_prior(config, unet, str(path), dtype)
     if path.suffix in (".pt", ".pth"):
         from dmfuse_jax.ddfm.config import OPENAI_256_UNCOND, build_guided_unet, ddfm_config
         from dmfuse_jax.ddfm.convert import convert_params

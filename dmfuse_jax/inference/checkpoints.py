@@ -58,37 +58,88 @@ def is_torch_pair(spec: str) -> bool:
     return "," in spec or spec.endswith((".pth", ".pt"))
 
 
+PART_NAMES = {"unet": "SR3 UNet", "head": "fusion head"}
+
+
+def load_torch_part(path: str | os.PathLike, part: str, template, config=None, notes: list | None = None) -> dict:
+    """One part ('unet' or 'head') from a PyTorch state_dict .pth, converted to the tree of `template`
+    (arrays or ShapeDtypeStructs). -> float32 numpy tree."""
+    from dmfuse_jax.conversion import ConversionError, convert_fusion_head, convert_unet, load_torch_state_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such file ({PART_NAMES[part]} .pth)")
+    try:
+        sd = load_torch_state_dict(str(p))
+    except ConversionError as e:
+        raise UserError(str(e)) from None
+    except ImportError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+        raise UserError(f"{path}: not a readable PyTorch state_dict: {type(e).__name__}: {str(e)[:200]}") from None
+    report: list[str] = []
+    try:
+        tree = convert_fusion_head(sd, template, report=report) if part == "head" else convert_unet(sd, template)
+    except ConversionError as e:
+        width = f" (UNet width {config.model.unet.inner_channels})" if config is not None else ""
+        raise UserError(f"{path}: does not fit the config{width}: {e}") from None
+    if report and notes is not None:
+        notes.append(f"{path}: skipped {len(report)} keys unused by the forward pass "
+                     f"({', '.join(sorted({k.split('.')[0] for k in report}))})")
+    return _float32(tree)
+
+
 def load_torch_pair(unet_path: str, head_path: str, config, notes: list | None = None) -> dict:
     """Converts an SR3 UNet .pth and a DMFuse head .pth to the params of `config`'s model."""
-    from dmfuse_jax.conversion import (ConversionError, convert_fusion_head, convert_unet,
-                                       load_torch_state_dict)
     shapes = param_shapes(config)
-    params = {}
-    for name, path, convert in (("unet", unet_path, convert_unet), ("head", head_path, convert_fusion_head)):
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{path}: no such file ({'SR3 UNet' if name == 'unet' else 'fusion head'} .pth)")
-        try:
-            sd = load_torch_state_dict(str(p))
-        except ConversionError as e:
-            raise UserError(str(e)) from None
-        except ImportError as e:
-            raise UserError(f"{path}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a bad file
-            raise UserError(f"{path}: not a readable PyTorch state_dict: {type(e).__name__}: {str(e)[:200]}") from None
-        report: list[str] = []
-        try:
-            if name == "head":
-                params[name] = convert(sd, shapes[name], report=report)
-            else:
-                params[name] = convert(sd, shapes[name])
-        except ConversionError as e:
-            u = config.model.unet
-            raise UserError(f"{path}: does not fit the config (UNet width {u.inner_channels}): {e}") from None
-        if report and notes is not None:
-            notes.append(f"{path}: skipped {len(report)} keys unused by the forward pass "
-                         f"({', '.join(sorted({k.split('.')[0] for k in report}))})")
-    return _float32(params)
+    return {part: load_torch_part(path, part, shapes[part], config, notes)
+            for part, path in (("unet", unet_path), ("head", head_path))}
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    return Path(path, "config.json").is_file() and Path(path, "checkpoints").is_dir()
+
+
+def load_part(spec: str | os.PathLike, part: str, template, *, key: str, what: str, ema: bool | None = None,
+              notes: list | None = None) -> dict:
+    """One part ('unet' or 'head') of a model from any weights path dmfuse reads, checked against
+    `template` (the model's tree of that part: arrays or ShapeDtypeStructs). The one place that
+    decides what such a path is (`resolve` for a whole model, `FusionStage.load_pretrained` for
+    `config.init`, `ddfm.priors.load_prior` for an SR3 prior), in this order:
+      inference bundle   its params' `part`
+      training workdir   its latest params' `part` (`ema`: None = EMA when kept); a pretraining
+                         workdir's params are the UNet
+      .pth / .pt         a PyTorch state_dict of that part (converted)
+      .npz               a flat npz of that part alone or of a whole model (`conversion/npz.py`)
+    `key` is the option that named the path, `what` the template ("this config's UNet"), both for
+    errors ("PATH: does not fit WHAT: ..."). -> float32 numpy tree."""
+    from dmfuse_jax.conversion.npz import check_flat, flatten_shapes, load_like
+
+    if part not in PART_NAMES:
+        raise ValueError(f"part must be one of {sorted(PART_NAMES)}, got {part!r}")
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder ({key})")
+    if bundle_lib.is_bundle(path):
+        _, params, _ = bundle_lib.load_bundle(path)
+        tree = params.get(part)
+    elif is_workdir(path):
+        from dmfuse_jax import workdir
+
+        params = workdir.load_params(path, ema=ema)
+        tree = params.get(part) if isinstance(params, dict) and set(params) >= {"unet", "head"} else \
+            (params if part == "unet" else None)
+    elif path.suffix in (".pth", ".pt"):
+        return load_torch_part(path, part, template, notes=notes)
+    elif path.suffix == ".npz":
+        return _float32(load_like(path, part, template, what))
+    else:
+        raise UserError(f"{path}: not weights dmfuse reads ({key}): expected an inference bundle, a training "
+                        "workdir, a PyTorch .pth or a flat .npz")
+    if tree is None:
+        raise UserError(f"{path}: holds no {PART_NAMES[part]} ({key})")
+    check_flat(flatten_shapes(tree), {k: tuple(v.shape) for k, v in flatten_shapes(template).items()}, str(path), what)
+    return _float32(tree)
 
 
 STEPS_HELP = ("workdir: which checkpoint: 'latest' (the newest valid one), 'best' (the best by "

@@ -29,19 +29,9 @@ from dmfuse_jax.sharding import put_tree
 log = logging.getLogger(__name__)
 
 
-def check_tree(got, template, what: str) -> None:
-    """Same structure and shapes as the model's params, or an error naming the differences."""
-    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
-    t = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
-    if g != t:
-        diff = [f"  {k}: {g.get(k, 'missing')} vs model {t.get(k, 'absent')}" for k in sorted(set(g) | set(t))
-                if g.get(k) != t.get(k)]
-        raise UserError(f"{what} does not fit the config's model ({len(diff)} arrays differ):\n" + "\n".join(diff[:20]))
-
-
-def unet_from_workdir(workdir: str, ema: bool, config) -> dict:
-    """The UNet params of a stage-1 workdir; its model.unet config must equal this config's."""
-    from dmfuse_jax.workdir import load_params, load_workdir_config
+def check_unet_workdir(workdir: str, config) -> None:
+    """init.unet_workdir must be a stage-1 workdir whose model.unet config equals this config's."""
+    from dmfuse_jax.workdir import load_workdir_config
 
     path = resolve_path(workdir, "init.unet_workdir")
     theirs = load_workdir_config(path)
@@ -53,7 +43,6 @@ def unet_from_workdir(workdir: str, ema: bool, config) -> dict:
             if k != "attention_impl" and _norm(mine.get(k)) != _norm(other.get(k))]
     if diff:
         raise UserError(f"{path}/config.json: its model.unet differs from this config's: " + "; ".join(diff))
-    return load_params(path, ema=ema)
 
 
 def _norm(v):
@@ -111,37 +100,30 @@ class FusionStage:
             given = [k for k in keys if init.get(k)]
             if len(given) > 1:
                 raise UserError(f"init.{given[0]} and init.{given[1]} both set: give one source for the {part}")
+        from dmfuse_jax.inference.checkpoints import load_part
+
+        unet_template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.frozen["unet"])
         if init.get("unet_workdir"):
-            unet = unet_from_workdir(init.unet_workdir, bool(init.get("unet_ema", True)), self.config)
-            check_tree(unet, state.frozen["unet"], f"UNet of {init.unet_workdir}")
-            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
-        elif init.get("unet_torch"):
-            from dmfuse_jax.conversion import convert_unet, load_torch_state_dict
-            path = resolve_path(init.unet_torch, "init.unet_torch")
-            template = jax.tree.map(np.asarray, jax.device_get(state.frozen["unet"]))
-            unet = convert_unet(load_torch_state_dict(str(path)), template)
-            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
-        elif init.get("unet_params"):
-            from dmfuse_jax.conversion.npz import load_like
-            path = resolve_path(init.unet_params, "init.unet_params")
-            unet = load_like(path, "unet", state.frozen["unet"], "this config's UNet")
-            state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
-            log.info("frozen UNet from params file %s", path)
+            check_unet_workdir(init.unet_workdir, self.config)
+        for key in ("unet_workdir", "unet_torch", "unet_params"):
+            if init.get(key):
+                path = resolve_path(init[key], f"init.{key}")
+                unet = load_part(path, "unet", unet_template, key=f"init.{key}", what="this config's UNet",
+                                 ema=bool(init.get("unet_ema", True)) if key == "unet_workdir" else None)
+                state = state.replace(frozen={"unet": put_tree(unet, shardings.frozen["unet"])})
+                log.info("frozen UNet from %s (init.%s)", path, key)
+                break
         else:
             warnings.warn("init.unet_workdir, init.unet_torch and init.unet_params are empty: the frozen UNet "
                           "is randomly initialised, its features are meaningless (fine for tests only)",
                           stacklevel=2)
         head = None
-        if init.get("head_torch"):
-            from dmfuse_jax.conversion import convert_fusion_head, load_torch_state_dict
-            path = resolve_path(init.head_torch, "init.head_torch")
-            template = jax.tree.map(np.asarray, jax.device_get(state.params["head"]))
-            head = {"head": convert_fusion_head(load_torch_state_dict(str(path)), template)}
-        elif init.get("head_params"):
-            from dmfuse_jax.conversion.npz import load_like
-            path = resolve_path(init.head_params, "init.head_params")
-            head = {"head": load_like(path, "head", state.params["head"], "this config's fusion head")}
-            log.info("fusion head from params file %s (Adam starts fresh)", path)
+        for key in ("head_torch", "head_params"):
+            if init.get(key):
+                path = resolve_path(init[key], f"init.{key}")
+                template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params["head"])
+                head = {"head": load_part(path, "head", template, key=f"init.{key}", what="this config's fusion head")}
+                log.info("fusion head from %s (init.%s; Adam starts fresh)", path, key)
         if head is not None:
             state = state.replace(params=put_tree(head, shardings.params),
                                   ema_params=put_tree(head, shardings.ema_params))

@@ -59,16 +59,17 @@ class PretrainStage:
         return self.unet.init({"params": key}, x, jnp.ones((1,)))["params"], {}
 
     def load_pretrained(self, state, shardings):
-        """`init.unet_params` (a flat npz, e.g. the default model's UNet): params and EMA start from
-        it, Adam from scratch (a params-only file holds no optimizer state)."""
+        """`init.unet_params` (a flat npz such as the default model's UNet, or any weights
+        `inference.checkpoints.load_part` reads): params and EMA start from it, Adam from scratch."""
         path = self.config.get("init", {}).get("unet_params", "")
         if not path:
             return state
-        from dmfuse_jax.conversion.npz import load_like
+        from dmfuse_jax.inference.checkpoints import load_part
         from dmfuse_jax.sharding import put_tree
 
         path = resolve_path(path, "init.unet_params")
-        unet = load_like(path, "unet", state.params, "this config's UNet")
+        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)  # shapes only: multi-host safe
+        unet = load_part(path, "unet", template, key="init.unet_params", what="this config's UNet")
         return state.replace(params=put_tree(unet, shardings.params),
                              ema_params=put_tree(unet, shardings.ema_params))
 

@@ -60,6 +60,9 @@ def skip_absent_tpu() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from dmfuse_jax import startup
+
+    startup.enter()
     skip_absent_tpu()
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

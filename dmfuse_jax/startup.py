@@ -1,5 +1,6 @@
 """Start-up phases of a command: seconds from the process's own start (so Python's start-up and the
-imports are counted), split where the command says. `dmfuse fuse` prints them in one line and, with
+imports are counted), split where the command says. A command run inside a longer-lived process
+(`cli.main` called from Python or a test) counts from its own entry instead (`enter()`). `dmfuse fuse` prints them in one line and, with
 `--timings-json FILE`, writes them for `benchmarks/startup.py`.
 """
 from __future__ import annotations
@@ -21,13 +22,24 @@ def process_seconds() -> float:
 
 
 _IMPORTED = time.perf_counter()
+# perf_counter() when the current command was entered (`enter`), or None: count from the process start
+_ENTERED: list[float | None] = [None]
+# a process that reaches its command later than this after starting is not a fresh `dmfuse` process
+FRESH_PROCESS_S = 5.0
+
+
+def enter() -> None:
+    """Called by `cli.main`: in a fresh process, phases count from the process start; in one that has
+    run for longer (a Python session, a test run), from now."""
+    _ENTERED[0] = None if process_seconds() < FRESH_PROCESS_S else time.perf_counter()
 
 
 class Phases:
     """`mark(name)` ends phase `name` now; `seconds` maps each phase to its length, in order."""
 
     def __init__(self):
-        self._origin = time.perf_counter() - process_seconds()  # perf_counter at the process start
+        entered = _ENTERED[0]
+        self._origin = entered if entered is not None else time.perf_counter() - process_seconds()
         self._last = self._origin
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, object] = {}

@@ -294,8 +294,8 @@ def run(args) -> int:
         st = fuser.stats
         load_s = sum(phases.seconds.get(k, 0.0) for k in LOAD_PHASES)
         run_s = max(total - phases.seconds.get("executables", 0.0), 1e-9)
-        got = f"{len(st['compiled'])} compiled" + (f", {len(st['loaded'])} loaded from the executable cache"
-                                                   if st.get("loaded") else "")
+        got = f"{len(st['compiled'])} compilation(s)" + (f", {len(st['loaded'])} loaded from the executable cache"
+                                                         if st.get("loaded") else "")
         parts = ", ".join(f"{k} {st[k + '_s']:.2f}" for k in ("trace", "lower", "compile", "load") if st.get(k + "_s"))
         for note in getattr(fuser, "notes", []):
             print(note)

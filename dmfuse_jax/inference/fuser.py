@@ -198,6 +198,12 @@ class Fuser(PairFusion):
     def bucket_limit(self) -> int | None:
         return self.max_buckets or None
 
+    def program(self, b: int, hb: int, wb: int, passes: str = "batched") -> dict:
+        """What decides the compiled fuse function of one (batch, bucket, passes), besides the
+        environment: its key in the executable cache (`executable_cache.py`)."""
+        return {"fn": "fuse", "config": self._key, "passes": passes, "batch": b, "height": hb, "width": wb,
+                "params": self._param_sig}
+
     def _executable(self, b: int, hb: int, wb: int, passes: str = "batched"):
         """The compiled fuse function of one (batch, bucket, passes): from this process's table, else
         the executable cache (`executable_cache.py`: loaded without tracing), else compiled."""
@@ -213,8 +219,7 @@ class Fuser(PairFusion):
             t = time.perf_counter()
             img = jax.ShapeDtypeStruct((b, hb, wb, 1), jnp.float32)
             seed = jax.ShapeDtypeStruct((), jnp.int32)
-            program = {"fn": "fuse", "config": self._key, "passes": passes, "batch": b, "height": hb, "width": wb,
-                       "params": self._param_sig}
+            program = self.program(b, hb, wb, passes)
             in_tree = jax.tree_util.tree_structure(((self._device_params, 0, 0, 0), {}))
             out_tree = jax.tree_util.tree_structure(0)
             timings: dict = {}

@@ -48,6 +48,14 @@ def test_passes_in_sequence_equal_the_batched_forward(tiny_config, tiny_params):
     assert float(np.std(want)) > 0.05  # not a constant image
 
 
+@pytest.fixture(autouse=True)
+def _forget_plans():
+    """Plans are cached per shape for the process: one planned under a patched free memory must not
+    reach a later test (of this file or another, in any order)."""
+    yield
+    memory._PLANS.clear()
+
+
 def _patch_free(monkeypatch, free):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: (free, "test RAM"))
     memory._PLANS.clear()

@@ -184,7 +184,9 @@ def load_or_compile(name: str, program: dict, trace: Callable[[], Any], in_tree,
     of this program and environment, else `trace().lower().compile()` (then stored; `trace`: e.g.
     `lambda: jitted.trace(*args)`). `in_tree`/`out_tree`: the executable's argument and result tree
     structures (known to the caller without tracing). `timings` gets 'load_s', or 'trace_s' +
-    'lower_s' + 'compile_s', added, and 'loaded' or 'compiled' counted."""
+    'lower_s' + 'compile_s', added, and 'loaded' or 'compiled' counted. With the cache on, the
+    compile bypasses JAX's persistent cache (`_without_jax_cache`), which this cache replaces for
+    these programs."""
     from jax.experimental import serialize_executable
 
     timings = {} if timings is None else timings
@@ -203,7 +205,8 @@ def load_or_compile(name: str, program: dict, trace: Callable[[], Any], in_tree,
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    exe = lowered.compile()  # with JAX's persistent cache on, a hit there is read here
+    with _without_jax_cache():
+        exe = lowered.compile()
     t3 = time.perf_counter()
     for k, dt in (("trace_s", t1 - t), ("lower_s", t2 - t1), ("compile_s", t3 - t2)):
         timings[k] = timings.get(k, 0.0) + dt
@@ -219,6 +222,36 @@ def load_or_compile(name: str, program: dict, trace: Callable[[], Any], in_tree,
             else:  # the caller's trees are wrong: a later load would misbind arguments
                 log.warning("executable cache: %s trees differ from the caller's; not stored", name)
     return exe
+
+
+class _without_jax_cache:
+    """Compiles bypassing JAX's persistent cache. Why: on XLA:CPU (jaxlib 0.10.2) an executable that
+    JAX's cache deserialized serializes into an entry that loads but fails at its first run
+    ("NOT_FOUND: Function ... fusion not found"); only a fresh compile serializes whole. Uses JAX's
+    private cache switch (`compilation_cache.reset_cache`); where that is missing, nothing changes."""
+
+    def __enter__(self):
+        import jax
+
+        self._prev = None
+        try:
+            from jax._src import compilation_cache
+        except ImportError:  # another jax layout: compile as JAX would
+            return self
+        self._cc = compilation_cache
+        self._prev = bool(jax.config.jax_enable_compilation_cache)
+        if self._prev:
+            jax.config.update("jax_enable_compilation_cache", False)
+            compilation_cache.reset_cache()
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        if self._prev:
+            jax.config.update("jax_enable_compilation_cache", True)
+            self._cc.reset_cache()
+        return False
 
 
 def cached_json(name: str, program: dict, compute: Callable[[], Any], notes: list[str] | None = None) -> Any:

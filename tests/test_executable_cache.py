@@ -136,9 +136,11 @@ def test_cache_off_writes_nothing_and_a_failed_write_leaves_no_file(tmp_path, ti
 
 
 def test_a_second_dmfuse_fuse_process_loads_every_executable_and_writes_the_same_pngs(tmp_path):
-    """Two real processes over one cache folder (the quickstart test bundle, two sizes = two buckets):
-    the second traces nothing (0 compiled, 2 loaded) and writes byte-identical PNGs; --timings-json
-    holds the start-up phases."""
+    """Three real processes over one cache folder (the quickstart test bundle, two sizes = two buckets):
+    the first with the executable cache off (JAX's persistent cache only), the second compiles and
+    stores (bypassing JAX's cache: an executable JAX's cache deserialized does not serialize whole on
+    XLA:CPU), the third traces nothing (0 compiled, 2 loaded); all write byte-identical PNGs.
+    --timings-json holds the start-up phases."""
     import json
     import subprocess
     import sys
@@ -153,10 +155,10 @@ def test_a_second_dmfuse_fuse_process_loads_every_executable_and_writes_the_same
         (tmp_path / sub).mkdir()
         for name, (h, w) in (("a", (40, 48)), ("b", (70, 90))):
             Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(tmp_path / sub / f"{name}.png")
-    env = T.subprocess_env()
-    env.pop("DMFUSE_COMPILATION_CACHE", None)
     runs = []
-    for i in range(2):
+    for i, cache_switch in enumerate(("off", "on", "on")):
+        env = T.subprocess_env(**{executable_cache.OFF_ENV: cache_switch})
+        env.pop("DMFUSE_COMPILATION_CACHE", None)
         out, timings = tmp_path / f"out{i}", tmp_path / f"t{i}.json"
         res = subprocess.run([sys.executable, "-m", "dmfuse_jax", "fuse", "--checkpoint",
                               str(ROOT / "tests" / "data" / "quickstart_bundle"), "--ir", str(tmp_path / "ir"),
@@ -165,10 +167,11 @@ def test_a_second_dmfuse_fuse_process_loads_every_executable_and_writes_the_same
                              env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
         runs.append((json.loads(timings.read_text()), {p.name: p.read_bytes() for p in out.glob("*.png")}, res.stdout))
-    (cold, cold_png, _), (warm, warm_png, warm_out) = runs
+    (jax_only, png0, _), (cold, cold_png, _), (warm, warm_png, warm_out) = runs
+    assert (jax_only["counts"]["compiled"], jax_only["counts"]["loaded"]) == (2, 0), jax_only
     assert (cold["counts"]["compiled"], cold["counts"]["loaded"]) == (2, 0), cold
     assert (warm["counts"]["compiled"], warm["counts"]["loaded"]) == (0, 2), warm
     assert warm["counts"]["trace_s"] == 0.0
     assert set(cold["seconds"]) >= {"imports", "inputs", "bundle", "executables", "first batch"}
-    assert sorted(cold_png) == ["a.png", "b.png"] and cold_png == warm_png, "cold and warm runs differ"
+    assert sorted(cold_png) == ["a.png", "b.png"] and png0 == cold_png == warm_png, "the three runs differ"
     assert "2 loaded from the executable cache" in warm_out and "start-up" in warm_out, warm_out

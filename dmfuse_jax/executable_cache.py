@@ -205,7 +205,10 @@ def load_or_compile(name: str, program: dict, trace: Callable[[], Any], in_tree,
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    with _without_jax_cache():
+    if folder() is not None:  # this cache stores it: a fresh compile (see `_without_jax_cache`)
+        with _without_jax_cache():
+            exe = lowered.compile()
+    else:  # off: JAX's persistent cache serves the compile as usual
         exe = lowered.compile()
     t3 = time.perf_counter()
     for k, dt in (("trace_s", t1 - t), ("lower_s", t2 - t1), ("compile_s", t3 - t2)):

@@ -14,12 +14,16 @@ patches, about a third of the 2,275): sized for about an hour on a 2-core CPU. M
 57 min wall (1,152 s CPU, peak 3.1 GiB resident) on a 2-core machine shared with three other jobs
 (1-minute load average 6 to 24, median 13; about 2.8 s of CPU per step, so less wall time on an
 idle machine, not measured). The run was started with total_steps 720 and stopped by SIGTERM after
-its step-400 checkpoint (constant learning rate: the same as a 400-step run). docs/evaluation.md, "Medical head", has the loss
-curve and the held-out scores. The shipped head is this run's step-400 params, stored as float16:
+its step-400 checkpoint (constant learning rate: the same as a 400-step run). The shipped head is a
+second run of this config from that head (`--config.init.head_params=<the step-400 head as npz>`,
+400 more steps: 14.5 min wall, 1,067 s CPU, peak 3.4 GiB, load 3 to 4, 2026-12-02), its step-400
+raw params stored as float16:
 
   python -c "import dmfuse_jax; from dmfuse_jax.conversion.npz import save_npz; \
     save_npz('dmfuse_jax/assets/medical_head.npz', \
-             dmfuse_jax.load_params('workdirs/harvard_fusion', ema=False, step=400)['head'], dtype='float16')"
+             dmfuse_jax.load_params('workdirs/harvard_fusion_800', ema=False, step=400)['head'], dtype='float16')"
+
+docs/evaluation.md, "Medical head", has the loss curve, both runs and the held-out scores.
 """
 from dmfuse_jax.data import harvard_split
 from dmfuse_jax.training import defaults

@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from readme_figure import draw_row
+
     from dmfuse_jax.data.harvard_split import FOLDERS, HELDOUT
     from dmfuse_jax.data.images import read_image
     from dmfuse_jax.evaluation.background import background_level
@@ -49,13 +52,7 @@ def main(argv=None) -> int:
             level, _ = background_level(f, a, b)
             sc = evaluate_images(a, b, f, ["SSIM", "Qabf"])
             panels.append((label, f, f"background {255 * level:.1f}/255  SSIM {sc['SSIM']:.3f}  Qabf {sc['Qabf']:.3f}"))
-        for c, (title, img, text) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{s} {n}: {title}" if c == 0 else title, fontsize=10)
-            ax.set_xlabel(text, fontsize=8.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        draw_row(axes[r], panels, f"{s} {n}: ")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)

@@ -18,6 +18,17 @@ METRICS = ["EN", "SD", "Qabf", "VIF", "MS_SSIM", "SSIM"]
 METHODS = {"average": ["--method", "average"], "dmfuse": []}
 
 
+def draw_row(axes, panels, prefix: str) -> None:
+    """One figure row: (title, image (H, W[, 1|3]) in [0, 1], caption) per panel; `prefix` on the first title."""
+    for c, (title, img, caption) in enumerate(panels):
+        ax = axes[c]
+        ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(prefix + title if c == 0 else title, fontsize=10)
+        ax.set_xlabel(caption, fontsize=8.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
 def main(argv=None) -> int:
     import matplotlib
     matplotlib.use("Agg")
@@ -53,13 +64,7 @@ def main(argv=None) -> int:
             label = "DMFuse (default model)" if method == "dmfuse" else "average baseline"
             panels.append((label, f, "  ".join(f"{m} {s[m]:.3f}" for m in ("Qabf", "VIF", "MS_SSIM"))
                            + "\n" + "  ".join(f"{m} {s[m]:.2f}" for m in ("EN", "SD", "SSIM"))))
-        for c, (title, img, scores) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{n}: {title}" if c == 0 else title, fontsize=10)
-            ax.set_xlabel(scores, fontsize=8.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        draw_row(axes[r], panels, f"{n}: ")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)

@@ -114,7 +114,7 @@ def bundle_table(work: Path) -> dict:
     ocp.PyTreeCheckpointer().save(v2.absolute(), tree)
     orbax_s, _ = best(lambda: bundle_lib.restore_params(v2, meta["arrays"]), n=3)
     print(f"\nbundle ({len(data) / 2**20:.1f} MiB, {len(meta['arrays'])} arrays, {meta['param_dtype']}), best of 5:")
-    print(f"| read bytes | read + sha256 | flat load (v3: read, sha256 per array, float32) | orbax (v2) |")
+    print("| read bytes | read + sha256 | flat load (v3: read, sha256 per array, float32) | orbax (v2) |")
     print("|---|---|---|---|")
     print(f"| {read_s:.3f} s | {hash_s:.3f} s | **{flat_s:.3f} s** ({flat_s / hash_s:.1f}x read+sha256, "
           f"{flat_s / read_s:.0f}x read) | {orbax_s:.3f} s ({orbax_s / flat_s:.1f}x the flat load) |")

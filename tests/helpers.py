@@ -154,3 +154,20 @@ def golden_caim_params():
     template = jax.eval_shape(lambda: FusionHead().init(jax.random.PRNGKey(0), ir, vi))["params"]
     head = convert_fusion_head(load_torch_state_dict(str(WEIGHTS / "dmfuse_fusion_head.pth")), template)
     return dict(head["crossatten"], gamma=np.ones(1, np.float32)), golden
+
+
+def caim_inputs(shape, cq=4, cv=32, seed=0, dtype=None):
+    """CAIM's attention inputs at its channel sizes: q, k ~ N(0, 0.5^2), v ~ N(0, 1) (B, H, W, C), cast
+    to `dtype` when given, and a float32 output cotangent (scaled by 1/sqrt(H + W))."""
+    import jax
+    import numpy as np
+
+    b, h, w = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = 0.5 * jax.random.normal(ks[0], (b, h, w, cq))
+    k = 0.5 * jax.random.normal(ks[1], (b, h, w, cq))
+    v = jax.random.normal(ks[2], (b, h, w, cv))
+    ct = jax.random.normal(ks[3], (b, h, w, cv)) / np.sqrt(h + w)
+    if dtype is not None:
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    return q, k, v, ct

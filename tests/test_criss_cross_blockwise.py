@@ -15,17 +15,7 @@ from dmfuse_jax.models import criss_cross as cc
 from dmfuse_jax.models.criss_cross import criss_cross_blockwise, criss_cross_reference
 
 
-from helpers import golden_caim_params
-
-
-def _inputs(shape, cq=4, cv=32, seed=0):
-    b, h, w = shape
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = 0.5 * jax.random.normal(ks[0], (b, h, w, cq))
-    k = 0.5 * jax.random.normal(ks[1], (b, h, w, cq))
-    v = jax.random.normal(ks[2], (b, h, w, cv))
-    ct = jax.random.normal(ks[3], (b, h, w, cv)) / np.sqrt(h + w)
-    return q, k, v, ct
+from helpers import caim_inputs as _inputs, golden_caim_params
 
 
 def _out_and_grads(fn, q, k, v, ct):

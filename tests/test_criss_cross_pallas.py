@@ -18,20 +18,9 @@ from dmfuse_jax.models.criss_cross import criss_cross_attention, criss_cross_ref
 from dmfuse_jax.models.criss_cross_pallas import criss_cross_pallas
 
 
-from helpers import golden_caim_params
+from helpers import caim_inputs as _inputs, golden_caim_params
 
 INTERPRET = jax.default_backend() != "gpu"
-
-
-def _inputs(shape, cq=4, cv=32, seed=0, dtype=jnp.float32):
-    """q, k ~ N(0, 0.5^2), v ~ N(0, 1), and an output cotangent, at CAIM's channel sizes."""
-    b, h, w = shape
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = 0.5 * jax.random.normal(ks[0], (b, h, w, cq))
-    k = 0.5 * jax.random.normal(ks[1], (b, h, w, cq))
-    v = jax.random.normal(ks[2], (b, h, w, cv))
-    ct = jax.random.normal(ks[3], (b, h, w, cv)) / np.sqrt(h + w)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype), ct
 
 
 def _out_and_grads(fn, q, k, v, ct):

@@ -205,7 +205,6 @@ def run(args) -> int:
     sizes = check_pairs(pairs, args.resize)
     phases.mark("inputs")
 
-    t_load = time.perf_counter()
     if args.method in MODEL_METHODS:
         fuser, what = MODEL_METHODS[args.method](args)
     elif args.method is not None:
@@ -229,7 +228,6 @@ def run(args) -> int:
         for note in ck.notes:
             print(note)
         what = f"{ck.kind} {ck.source} (UNet width {ck.config.model.unet.inner_channels}, seed {args.seed or 0})"
-    t_load = time.perf_counter() - t_load
     phases.mark("bundle")
 
     plan = fuser.plan(sizes, args.batch_size)

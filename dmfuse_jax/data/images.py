@@ -226,7 +226,7 @@ def from_model_range(y, input_range: str):
 # ITU-R BT.601 full-range YCbCr (as JPEG and OpenCV's RGB2YCrCb), on [0, 1] values.
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1] (chroma centred on 0.5)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    r, b = rgb[..., 0], rgb[..., 2]
     y = luma(rgb)[..., 0]
     cb = (b - y) * 0.564 + 0.5
     cr = (r - y) * 0.713 + 0.5

@@ -6,13 +6,17 @@ compiles on the same chip and mesh kind), or not done.
 
   python benchmarks/fit_table.py --run coco_v5e8_b64            # one cell (under the heavy lock)
   python benchmarks/fit_table.py --run all                      # every missing cell, in priority order
+  python benchmarks/fit_table.py --run 'largest:v5e dp'         # bisect the largest per-chip batch that compiles
   python benchmarks/fit_table.py                                # print the table from what exists
 
 A paper-size compile costs ~22 min and ~10 GB resident on 2 cores: each cell runs as
 `flock LOCK dmfuse compile ...` (--lock, default /work/heavy.lock when it exists), one at a time.
 The affine line: per-chip peak memory m(b) = a + k b for the per-chip batch b, from two compiles;
 the largest batch that fits is floor((HBM - a) / k) rounded down to a multiple the mesh allows, and
-a third compile ("check" cells) tests it.
+a third compile ("check" cells) tests it. When the check fails (the line does not hold: XLA:TPU
+changes its fusion and rematerialisation with the batch), 'largest:LINE' bisects between the largest
+per-chip batch that compiled and the smallest that did not, one compile per step, until the gap is
+at most --resolution images per chip; the table then says "measured: fits A, not B".
 """
 from __future__ import annotations
 
@@ -109,6 +113,15 @@ def _gib(x):
     return f"{x / 2 ** 30:.2f}"
 
 
+def largest_text(line: str, got: dict, fit) -> str:
+    """The largest-batch column of a line: the bisection's bracket where a compile failed above one
+    that fitted (measured), else the affine line's prediction."""
+    lo, hi, base = bracket(line, got) if line else (None, None, None)
+    if lo is not None and hi is not None:
+        return f"measured: fits {lo:g}, not {hi:g}"
+    return f"predicted {largest_batch(fit, _hbm(got, base))}" if fit and base is not None else ""
+
+
 def table(out: Path) -> str:
     got = load(out)
     fits = lines(CELLS, got)
@@ -118,34 +131,46 @@ def table(out: Path) -> str:
     for c in CELLS:
         r = got.get(c.name)
         fit = fits.get(c.line)
+        topo = f"{c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''}"
         if r is None:
-            pred = ""
             if fit and c.what == "train":
-                chips = None
-                rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''} "
+                # a cell on another cell's line: same chip and mesh kind, not compiled itself
+                lo, hi, base = bracket(c.line, got)
+                largest = (f"{base.name}: fits {lo:g}, not {hi:g}" if lo is not None and hi is not None
+                           else f"predicted {largest_batch(fit, _hbm(got, c))}")
+                rows.append(f"| {c.name} | {Path(c.config).stem} | {topo} "
                             f"| | fsdp {c.fsdp} | {c.batch} | predicted {_gib(fit[0] + fit[1] * _per_chip_guess(c))} "
-                            f"| predicted {largest_batch(fit, _hbm(got, c))} | not done | not done | not done | not done | not done |")
+                            f"| {largest} | not done | not done | not done | not done | not done |")
                 continue
-            rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology}{' x%d' % c.num_slices if c.num_slices > 1 else ''} "
-                        f"| | fsdp {c.fsdp} | {c.batch or ''} | not done |{pred} | | | | | |")
+            rows.append(f"| {c.name} | {Path(c.config).stem} | {topo} | | fsdp {c.fsdp} | {c.batch or ''} | not done | | | | | | |")
             continue
         if "does_not_fit" in r:
-            rows.append(f"| {c.name} | {Path(c.config).stem} | {c.topology} | | fsdp {c.fsdp} | {c.batch} "
-                        f"| measured: does not fit ({r['does_not_fit'].split('error: ', 1)[-1][:160]}) | | | | | | |")
+            rows.append(_does_not_fit_row(c.name, r))
             continue
-        rows.append(_measured_row(c, r, fit))
-    extra = [n for n in got if n not in {c.name for c in CELLS} and "memory" in got[n]]
-    for n in extra:
+        rows.append(_measured_row(c, r, largest_text(c.line, got, fit)))
+    for n in (n for n in got if n not in {c.name for c in CELLS}):  # check and bisection cells
         r = got[n]
-        rows.append(_measured_row(Cell(n, r["config"], r["topology"], line=""), r, None))
+        if "does_not_fit" in r:
+            rows.append(_does_not_fit_row(n, r))
+        elif "memory" in r:
+            rows.append(_measured_row(Cell(n, r["config"], r["topology"], line=""), r, ""))
     notes = [f"- line `{k}`: peak = {_gib(a)} GiB + {_gib(kk)} GiB x per-chip batch (from {src})"
              for k, (a, kk, src) in sorted(fits.items())]
     return "\n".join(rows + [""] + notes)
 
 
+def _does_not_fit_row(name: str, r: dict) -> str:
+    chips = _chips(r["topology"], r.get("num_slices", 1))
+    batch = f"{r['batch']} ({r['batch'] / chips:g})" if r.get("batch") else ""
+    why = r["does_not_fit"].split("error: ", 1)[-1].split("; largest buffers", 1)[0]
+    why = "needs " + why.split(" needs ", 1)[1] if " needs " in why else why
+    return (f"| {name} | {Path(r['config']).stem} | {r['topology']} | {chips} | fsdp {r.get('fsdp', 1)} | {batch} "
+            f"| measured: does not fit ({why}) | | | | | | |")
+
+
 def _hbm(got, c):
     for r in got.values():
-        if r["topology"].split(":")[0] == c.topology.split(":")[0]:
+        if "chip" in r and r["topology"].split(":")[0] == c.topology.split(":")[0]:
             return r["chip"]["hbm_bytes"]
     return float("nan")
 
@@ -155,14 +180,14 @@ def _per_chip_guess(c: Cell) -> float:
     return c.batch / chips
 
 
-def _measured_row(c: Cell, r: dict, fit) -> str:
+def _measured_row(c: Cell, r: dict, largest: str) -> str:
     m, rf, chip = r.get("memory", {}), r.get("roofline", {}), r["chip"]
     topo = r["topology"] + (f" x{r['num_slices']}" if r.get("num_slices", 1) > 1 else "")
     coll = ", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:,.0f} MiB)" for k, v in r.get("collectives", {}).items()) or "none"
     if r["what"] == "train":
         mesh = f"{r['mesh']['data']}x{r['mesh']['fsdp']}"
         batch = f"{r['global_batch']} ({r['per_chip_batch']:g})"
-        largest = f"predicted {largest_batch(fit, chip['hbm_bytes'])}" if fit else "(one point)"
+        largest = largest or "(one point)"
         hours = STAGE1_STEPS * rf["step_s"] * r["chips"] / 3600 if r.get("stage") == "pretrain" else None
         hours = f"{hours:,.0f} (bound)" if hours is not None else "n/a (stage 2)"
     else:
@@ -185,9 +210,57 @@ def run_cell(cell: Cell, out: Path, lock: str | None) -> int:
     if rc == 2:  # does not fit (or bad input): the one line is the result of this cell
         line = next((l for l in (out / f"{cell.name}.log").read_text().splitlines()
                      if l.startswith("dmfuse compile: error:")), "exit 2")
-        (out / f"{cell.name}.json").write_text(json.dumps(dict(does_not_fit=line, config=cell.config,
-                                                                topology=cell.topology, batch=cell.batch)))
+        (out / f"{cell.name}.json").write_text(json.dumps(dict(
+            does_not_fit=line, config=cell.config, topology=cell.topology, batch=cell.batch, fsdp=cell.fsdp,
+            num_slices=cell.num_slices, what=cell.what)))
     return rc
+
+
+def _chips(topology: str, num_slices: int = 1) -> int:
+    return math.prod(int(x) for x in topology.split(":")[1].split("x")) * num_slices
+
+
+def _same_program(cell: Cell, r: dict) -> bool:
+    """Whether result r compiled cell's program up to the batch (config, topology, slices, fsdp)."""
+    fsdp = r["mesh"]["fsdp"] if "mesh" in r else r.get("fsdp", 1)
+    return (r.get("config") == cell.config and r.get("topology") == cell.topology
+            and r.get("num_slices", 1) == cell.num_slices and fsdp == cell.fsdp and r.get("what", "train") == "train")
+
+
+def bracket(line: str, got: dict) -> tuple[int | None, int | None, Cell | None]:
+    """(largest per-chip batch that compiled, smallest that did not, above it; the line's first cell)
+    over every result of the line's program, whatever its name."""
+    base = next((c for c in CELLS if c.line == line), None)
+    if base is None:
+        return None, None, None
+    chips = _chips(base.topology, base.num_slices)
+    fits, fails = [], []
+    for r in got.values():
+        if not _same_program(base, r):
+            continue
+        if "does_not_fit" in r:
+            fails.append(r["batch"] / chips)
+        elif "memory" in r:
+            fits.append(r["per_chip_batch"])
+    lo = max(fits, default=None)
+    hi = min((b for b in fails if lo is None or b > lo), default=None)
+    return lo, hi, base
+
+
+def largest_cell(name: str, got: dict, resolution: int) -> Cell | None:
+    """'largest:LINE' -> the next bisection compile, or None when the bracket is closed (or cannot start)."""
+    line = name.split(":", 1)[1]
+    lo, hi, base = bracket(line, got)
+    if base is None or lo is None or hi is None:
+        print(f"{name}: needs a compile that fits and one that does not (have: fits {lo}, not {hi})", file=sys.stderr)
+        return None
+    if hi - lo <= resolution:
+        print(f"{name}: fits {lo:g} per chip, not {hi:g} (resolution {resolution})")
+        return None
+    mid = int((lo + hi) // 2)
+    chips = _chips(base.topology, base.num_slices)
+    return Cell(f"{base.name.rsplit('_b', 1)[0]}_b{mid * chips}", base.config, base.topology, mid * chips,
+                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
 
 
 def check_cell(name: str, got: dict) -> Cell | None:
@@ -208,13 +281,23 @@ def check_cell(name: str, got: dict) -> Cell | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--run", help="comma list of cell names, 'check:LINE' (compile the predicted largest batch), or 'all'")
+    p.add_argument("--run", help="comma list of cell names, 'check:LINE' (compile the predicted largest batch), "
+                                 "'largest:LINE' (bisect the largest batch that compiles), or 'all'")
+    p.add_argument("--resolution", type=int, default=8,
+                   help="largest:LINE stops when fits and does-not-fit are this many images per chip apart (default: %(default)s)")
+    p.add_argument("--max-compiles", type=int, default=4, help="largest:LINE: at most this many compiles per run")
     p.add_argument("--lock", default="/work/heavy.lock" if os.path.exists("/work/heavy.lock") else None)
     args = p.parse_args(argv)
     if args.run:
         names = [c.name for c in CELLS] if args.run == "all" else args.run.split(",")
         for name in names:
             got = load(args.out)
+            if name.startswith("largest:"):
+                for _ in range(args.max_compiles):
+                    cell = largest_cell(name, load(args.out), args.resolution)
+                    if cell is None or run_cell(cell, args.out, args.lock) not in (0, 2):
+                        break
+                continue
             if name.startswith("check:"):
                 cell = check_cell(name, got)
             else:

@@ -143,7 +143,8 @@ def test_fit_table_affine_line_and_status(tmp_path):
 
     cell("coco_v5e8_b64", 8, 1 * gib + 8 * 0.5 * gib)  # a + k b with a = 1 GiB, k = 0.5 GiB
     cell("coco_v5e8_b32", 4, 1 * gib + 4 * 0.5 * gib)
-    (tmp_path / "coco_v5e16_fsdp4.json").write_text(json.dumps(dict(does_not_fit="dmfuse compile: error: too big")))
+    (tmp_path / "coco_v5e16_fsdp4.json").write_text(json.dumps(dict(
+        does_not_fit="dmfuse compile: error: too big", config=ft.COCO, topology="v5e:4x4", batch=128, fsdp=4)))
     fits = ft.lines(ft.CELLS, ft.load(tmp_path))
     a, k, src = fits["v5e dp"]
     assert a == pytest.approx(gib) and k == pytest.approx(0.5 * gib) and "coco_v5e8_b64" in src
@@ -155,6 +156,53 @@ def test_fit_table_affine_line_and_status(tmp_path):
     assert "predicted" in row("coco_v5e16_fsdp1")  # same chip and mesh kind: on the line, not compiled
     assert "not done" in row("coco_v5p8")
     assert "chip-hours" in text and "11 (bound)" in row("coco_v5e8_b64")  # 500k x 10 ms x 8 chips / 3600 = 11 h
+
+
+def test_fit_table_bisects_the_largest_batch(tmp_path):
+    """benchmarks/fit_table.py 'largest:LINE': the bracket (largest per-chip batch that compiled,
+    smallest above it that did not) from cells of any name, the next compile halfway between, the stop
+    at the resolution, and the table's measured bracket instead of the line's prediction."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_table", REPO_ROOT / "benchmarks" / "fit_table.py")
+    ft = importlib.util.module_from_spec(spec)
+    sys.modules["fit_table"] = ft
+    spec.loader.exec_module(ft)
+    gib = 2 ** 30
+
+    def fits(name, per_chip, peak):
+        r = dict(config=ft.COCO, topology="v5e:2x4", num_slices=1, what="train", chips=8, mesh={"data": 8, "fsdp": 1},
+                 global_batch=per_chip * 8, per_chip_batch=per_chip, stage="pretrain",
+                 chip={"name": "TPU v5e", "hbm_bytes": 16e9}, memory={"peak_bytes": peak}, collectives={},
+                 roofline={"step_s": 0.01, "bound": "memory", "images_per_s": 100.0},
+                 compile={"wall_s": 600.0, "cpu_s": 600.0})
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+
+    def fails(name, batch, topology="v5e:2x4", fsdp=1):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(
+            does_not_fit=f"dmfuse compile: error: x does not fit {topology}: batch {batch} needs 20.00G per chip (XLA), "
+                         "TPU v5e has 15.75G HBM; largest buffers: ...", config=ft.COCO, topology=topology,
+            batch=batch, fsdp=fsdp, num_slices=1, what="train")))
+
+    fits("coco_v5e8_b32", 4, 4 * gib)
+    fits("coco_v5e8_b64", 8, 5 * gib)
+    assert ft.largest_cell("largest:v5e dp", ft.load(tmp_path), 8) is None  # nothing failed yet: no bracket
+    fails("coco_v5e8_b512", 512)
+    fails("coco_v5e16_fsdp4_b512", 512, topology="v5e:4x4", fsdp=4)  # another program: not in the bracket
+    assert ft.bracket("v5e dp", ft.load(tmp_path))[:2] == (8, 64)
+    cell = ft.largest_cell("largest:v5e dp", ft.load(tmp_path), 8)
+    assert (cell.name, cell.batch, cell.topology, cell.fsdp) == ("coco_v5e8_b288", 288, "v5e:2x4", 1)  # (8 + 64) / 2 = 36
+    fits("coco_v5e8_b288", 36, 9 * gib)
+    fails("coco_v5e8_b400", 400)
+    assert ft.bracket("v5e dp", ft.load(tmp_path))[:2] == (36, 50)
+    assert ft.largest_cell("largest:v5e dp", ft.load(tmp_path), 8).batch == 43 * 8
+    assert ft.largest_cell("largest:v5e dp", ft.load(tmp_path), 16) is None  # 50 - 36 <= 16: closed
+    text = ft.table(tmp_path)
+    row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name} |"))  # noqa: E731
+    assert "measured: fits 36, not 50" in row("coco_v5e8_b64")
+    assert "coco_v5e8_b64: fits 36, not 50" in row("coco_v5e16_fsdp1")  # same chip and mesh kind, not compiled
+    assert "does not fit (needs 20.00G per chip" in row("coco_v5e8_b400") and "400 (50)" in row("coco_v5e8_b400")
+    assert "measured 9.00" in row("coco_v5e8_b288")
 
 
 def test_hlo_parsing_collectives_kernel_io_and_oom():

@@ -178,7 +178,7 @@ def compiled_custom_calls(hlo_text: str) -> dict[str, int]:
 
 
 def unsized_workspaces(hlo_text: str) -> int:
-    """Library calls (cuDNN convolutions and attention, cuBLAS) whose scratch buffer is u8[0]: sized by
+    """Library calls (cuDNN convolutions and attention) whose scratch buffer is u8[0]: sized by
     autotuning on a GPU, which a deviceless compile skips."""
     return len(re.findall(r"u8\[0\]\{0\}\)\s+custom-call\(", hlo_text))
 
@@ -384,7 +384,7 @@ def format_report(r: dict) -> list[str]:
         note = r["xla_gpu_compile"]
         if note == "compiled":
             note = (f"compiled without a GPU from the {r['gpu_target']} target config; no autotuning, so "
-                    f"{r['unsized_workspaces']} cuDNN/cuBLAS workspaces are unsized (u8[0]) and not in the temps")
+                    f"{r['unsized_workspaces']} cuDNN workspaces are unsized (u8[0]) and not in the temps")
         lines.append(f"  XLA:GPU: {note}")
     if "hbm_estimate" in r:
         e = r["hbm_estimate"]

@@ -193,6 +193,9 @@ def cuda_compile_devices(topology: str) -> tuple[list | None, str]:
         return None, "the JAX CUDA plugin is not installed (pip install 'dmfuse-jax[cuda-compile]')"
     try:
         return cuda_devices(CUDA_ALIASES[topology.lower()]), ""
+    except NotImplementedError as e:  # jax has no 'cuda' topology factory: the plugin did not register
+        return None, (f"{e} (the CUDA plugin did not register; without a GPU it only does so with "
+                      f"JAX_PLATFORMS=cpu, JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} here)")
     except Exception as e:  # noqa: BLE001 - the plugin's errors (e.g. it failed to initialise) are the reason
         text = f"{type(e).__name__}: {e}"
         return None, next((l for l in text.splitlines() if l.strip()), text)[:300]

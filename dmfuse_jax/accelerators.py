@@ -76,8 +76,9 @@ class GpuTarget:
     registers_per_core_limit: int = 65536
     cudnn: tuple[int, int, int] = (9, 10, 0)  # the cuDNN the executable is compiled for
 
-    def target_config(self) -> str:
-        """The GpuTargetConfigProto text the CUDA plugin's deviceless topology is built from."""
+    def target_config(self, memory_bytes: int | None = None) -> str:
+        """The GpuTargetConfigProto text the CUDA plugin's deviceless topology is built from;
+        `memory_bytes` replaces the device memory size XLA is told (see `cuda_devices`)."""
         info = dict(threads_per_block_limit=1024, threads_per_warp=32,
                     shared_memory_per_block=self.shared_memory_per_block,
                     shared_memory_per_core=self.shared_memory_per_core,
@@ -85,7 +86,7 @@ class GpuTarget:
                     fpus_per_core=self.fpus_per_core, block_dim_limit_x=2 ** 31 - 1, block_dim_limit_y=65535,
                     block_dim_limit_z=65535, memory_bandwidth=self.memory_bandwidth,
                     l2_cache_size=self.l2_cache_size, clock_rate_ghz=self.clock_rate_ghz,
-                    device_memory_size=self.memory_bytes,
+                    device_memory_size=int(memory_bytes or self.memory_bytes),
                     shared_memory_per_block_optin=self.shared_memory_per_block_optin,
                     registers_per_core_limit=self.registers_per_core_limit,
                     registers_per_block_limit=self.registers_per_core_limit)
@@ -174,15 +175,26 @@ def cuda_plugin_version() -> str | None:
         return None
 
 
+# XLA:GPU schedules and rematerialises under this share of the device memory when the compile is not
+# given a limit (GetSchedulerMemoryLimit); jax on a GPU gives it its allocator's limit instead.
+XLA_GPU_UNSET_LIMIT_SHARE = 0.8
+
+
 def cuda_devices(chip: str, count: int = 1) -> list:
     """`count` compile-only devices of the GPU `chip` (a GPU_TARGETS key), from the JAX CUDA plugin's
-    deviceless topology (target config in, no GPU or driver needed). Raises what the plugin raises."""
+    deviceless topology (target config in, no GPU or driver needed). Raises what the plugin raises.
+
+    On a GPU, jax compiles with the allocator's limit (JAX's pool, `gpu_pool_fraction`) as XLA's
+    memory limit; a deviceless compile has no allocator and XLA takes 80% of the device memory. The
+    target is therefore told a device memory of pool / 0.8, so XLA plans under the same limit."""
     if cuda_plugin_version() is None:
         raise UserError("compiling for CUDA needs the JAX CUDA plugin: pip install 'dmfuse-jax[cuda-compile]'")
     from jax.experimental import topologies
 
+    target = GPU_TARGETS[chip]
+    told = target.memory_bytes * gpu_pool_fraction() / XLA_GPU_UNSET_LIMIT_SHARE
     desc = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
-                                        target_config=GPU_TARGETS[chip].target_config())
+                                        target_config=target.target_config(memory_bytes=int(told)))
     return list(desc.devices)
 
 
@@ -191,6 +203,7 @@ def cuda_compile_devices(topology: str) -> tuple[list | None, str]:
     (None, why not): the plugin is not installed, or it would not build the topology."""
     if cuda_plugin_version() is None:
         return None, "the JAX CUDA plugin is not installed (pip install 'dmfuse-jax[cuda-compile]')"
+    gpu_pool_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION is the user's error, not the plugin's
     try:
         return cuda_devices(CUDA_ALIASES[topology.lower()]), ""
     except NotImplementedError as e:  # jax has no 'cuda' topology factory: the plugin did not register
@@ -202,12 +215,12 @@ def cuda_compile_devices(topology: str) -> tuple[list | None, str]:
 
 
 def gpu_pool_fraction() -> float:
-    """The share of GPU memory JAX's allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75;
-    the whole memory with XLA_PYTHON_CLIENT_ALLOCATOR=platform)."""
-    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
-        return 1.0
+    """The share of GPU memory JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)."""
+    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
     try:
-        return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+        fraction = float(text)
     except ValueError:
-        raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']!r}: "
-                        "expected a number such as 0.9") from None
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: expected a number in (0, 1], such as 0.9")
+    return fraction

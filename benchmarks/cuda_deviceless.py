@@ -2,7 +2,9 @@
 GPU target config (accelerators.GPU_TARGETS) through the JAX CUDA plugin, compiles each case for its
 one device and prints what XLA says: memory_analysis() (arguments, outputs, aliased, temps, code),
 cost_analysis() FLOPs, compile seconds, the custom calls in the lowered module and which survive in
-the compiled HLO. A case that fails prints the first line of its error; the script goes on.
+the compiled HLO. A case that fails prints the first line of its error; the script goes on. The
+target is told a device memory of JAX's pool / 0.8 (accelerators.cuda_devices), so XLA plans under
+the memory limit it would have on the GPU.
 
   pip install 'dmfuse-jax[cuda-compile]'     # jax-cuda12-plugin + jax-cuda12-pjrt, pinned to jax
   python benchmarks/cuda_deviceless.py                       # toy, fuse (tiny 256x256), train (cut-down)

@@ -111,3 +111,26 @@ def test_compiled_hlo_readings():
         def cost_analysis(self):
             return None
     assert cost(NoCost()) == {"xla_flops": None, "bytes_accessed": None}
+
+
+def test_deviceless_target_is_told_the_pool_as_xla_limit(monkeypatch):
+    """XLA:GPU plans under 80% of the device memory it is told when no client gives it a limit; on a
+    GPU jax gives it the allocator's pool. The target is told pool / 0.8 so the two agree."""
+    from jax.experimental import topologies
+
+    seen = {}
+
+    def fake_desc(**kwargs):
+        seen.update(kwargs)
+        return type("Desc", (), {"devices": ["gpu0"]})()
+
+    monkeypatch.setattr(accelerators, "cuda_plugin_version", lambda: "0.10.2")
+    monkeypatch.setattr(topologies, "get_topology_desc", fake_desc)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    assert accelerators.cuda_devices("h100") == ["gpu0"]
+    assert seen["platform"] == "cuda" and seen["topology"] == "1x1x1"
+    told = int(accelerators.GPU_TARGETS["h100"].memory_bytes * 0.6 / accelerators.XLA_GPU_UNSET_LIMIT_SHARE)
+    assert f"device_memory_size: {told}\n" in seen["target_config"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
+    with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        accelerators.cuda_compile_devices("h100")

@@ -1,5 +1,5 @@
 """UNet self-attention: the query-chunked path equals the dense one, bf16 inputs under
-dtype=bfloat16, and 'cudnn' is never fed float32."""
+dtype=bfloat16, and 'cudnn' is never fed float32 or a head wider than cuDNN takes."""
 from __future__ import annotations
 
 import jax
@@ -85,6 +85,19 @@ def test_xla_attention_chunks_above_the_token_threshold_with_the_same_result(tin
     np.testing.assert_allclose(run(unet)(params), dense, atol=1e-5, rtol=1e-5)
     # cuDNN's fused attention takes no float32: a float32 model with 'cudnn' runs the XLA path
     np.testing.assert_allclose(run(unet.clone(attention_impl="cudnn"))(params), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_attention_leaves_wide_heads_to_xla():
+    """cuDNN's fused attention refuses head dims above 128 (the paper-size UNet's 256-channel layer):
+    'cudnn' traces the XLA attention there, and cuDNN's custom call for a 64-wide head."""
+    def calls(c):
+        q = jax.ShapeDtypeStruct((1, 64, c), jnp.bfloat16)
+        fn = lambda q: unet_mod.ATTENTION_IMPLS["cudnn"](q, q, q, 0.125)  # noqa: E731
+        from dmfuse_jax.commands.compile import _CudnnAsserted
+        with _CudnnAsserted():
+            return jax.jit(fn).trace(q).lower(lowering_platforms=("cuda",)).as_text().count("__cudnn$fmha")
+    assert calls(64) == 1
+    assert calls(256) == 0 and calls(unet_mod.CUDNN_MAX_HEAD_DIM + 8) == 0
 
 
 def test_criss_cross_auto_falls_back_to_the_reference_when_the_kernel_does_not_lower(monkeypatch, caplog):

@@ -96,7 +96,8 @@ def test_bad_topology_exits_2():
 
 @pytest.mark.parametrize("case", ["fuse", "pretrain", "fusion"])
 def test_cuda_lowering_has_triton_and_cudnn(case):
-    """Lowered for CUDA in this process (no GPU): bf16, the criss-cross Triton kernel and cuDNN attention."""
+    """Lowered for CUDA in this process (no GPU; `--lower-only`, so the same with or without the CUDA
+    plugin): bf16, the criss-cross Triton kernel and cuDNN attention."""
     import argparse
 
     from dmfuse_jax.commands.compile import build_report
@@ -107,9 +108,10 @@ def test_cuda_lowering_has_triton_and_cudnn(case):
             "fusion": ["batch_size=2", "data.patch_size=32"]}[case]
     config = load_config(str(REPO_ROOT / path), over)
     args = argparse.Namespace(config=path, topology="cuda", num_slices=1, what="fuse" if case == "fuse" else "train",
-                              size="64x64", batch=1, json=None)
+                              size="64x64", batch=1, json=None, lower_only=True)
     r = build_report(config, args)
     assert r["dtype"] == "bfloat16" and r["chip"]["name"] == "NVIDIA H100 SXM"
+    assert r["xla_gpu_compile"] == "unavailable: --lower-only" and "memory" not in r
     calls = r["custom_calls"]
     if case != "pretrain":  # the fusion head's criss-cross attention
         assert calls.get("__gpu$xla.gpu.triton", 0) >= 1, calls

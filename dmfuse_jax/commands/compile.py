@@ -7,8 +7,11 @@ what XLA says about it:
     compiled by XLA:TPU through libtpu's compile-only client (`pip install 'dmfuse-jax[tpu]'`), no TPU
     needed. `--num-slices N` puts N such slices together, the data axis over the data-center network.
   * `--topology cuda` (or h100, h200): lowered for CUDA with every GPU-only branch forced on (the
-    criss-cross Pallas kernel's Triton path, bf16 cuDNN attention); no GPU compiler runs here, so the
-    report has the custom calls, the analytic FLOPs and an HBM estimate instead of XLA's figures.
+    criss-cross Pallas kernel's Triton path, bf16 cuDNN attention), then compiled by XLA:GPU for a
+    deviceless H100/H200 (a GPU target config, accelerators.GPU_TARGETS) when the JAX CUDA plugin is
+    installed (`pip install 'dmfuse-jax[cuda-compile]'`; no GPU or driver needed). Without it (or with
+    `--lower-only`) the report has the custom calls, the analytic FLOPs and an HBM estimate, and
+    `xla_gpu_compile` says why XLA's figures are missing.
 
 `--what train` (default) is the training step `dmfuse train` runs: the same `Trainer`, stage, mesh
 (`config.sharding.mesh_shape` over the slice's chips) and shardings. `--what fuse` is the fuse
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="576x768", help="--what fuse: HxW of the pairs (default TNO's 576x768)")
     parser.add_argument("--batch", type=int, default=1, help="--what fuse: pairs per call (default 1)")
     parser.add_argument("--json", help="write the report here (atomically)")
+    parser.add_argument("--lower-only", action="store_true",
+                        help="cuda|h100|h200: lower only (seconds), even when XLA:GPU could compile (minutes)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -151,11 +156,31 @@ def memory(compiled) -> dict[str, int]:
     return mem
 
 
-def cost(compiled) -> dict[str, float]:
+def cost(compiled) -> dict[str, float | None]:
+    """XLA's FLOPs and bytes accessed; None where XLA gives none (XLA:GPU's compile-only executables
+    have no cost analysis)."""
     c = compiled.cost_analysis()
     c = (c[0] if isinstance(c, (list, tuple)) else c) or {}
-    return dict(xla_flops=float(c.get("flops", float("nan"))),
-                bytes_accessed=float(c.get("bytes accessed", float("nan"))))
+    get = lambda k: float(c[k]) if k in c else None  # noqa: E731
+    return dict(xla_flops=get("flops"), bytes_accessed=get("bytes accessed"))
+
+
+def compiled_custom_calls(hlo_text: str) -> dict[str, int]:
+    """Custom-call targets of an optimized HLO module (what XLA kept as library calls or kernels),
+    with counts; XLA's own Triton fusions are counted as 'fusion:__triton'."""
+    found: dict[str, int] = {}
+    for name in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
+        found[name] = found.get(name, 0) + 1
+    n = len(re.findall(r'"kind":"__triton[^"]*"', hlo_text))
+    if n:
+        found["fusion:__triton"] = n
+    return dict(sorted(found.items()))
+
+
+def unsized_workspaces(hlo_text: str) -> int:
+    """Library calls (cuDNN convolutions and attention) whose scratch buffer is u8[0]: sized by
+    autotuning on a GPU, which a deviceless compile skips."""
+    return len(re.findall(r"u8\[0\]\{0\}\)\s+custom-call\(", hlo_text))
 
 
 _OOM_PATTERNS = (
@@ -227,12 +252,15 @@ def _gpu_config(config):
 
 class _CudnnAsserted:
     """Tracing cuDNN attention asks the installed cuDNN for its version; without a GPU stack there is
-    none, so while lowering for CUDA the version is asserted (GPU_CUDNN_VERSION)."""
+    none (or, with the CUDA plugin but no cuDNN wheel, none loadable), so while lowering for CUDA the
+    version is asserted (GPU_CUDNN_VERSION)."""
 
     def __enter__(self):
         from jax._src.cudnn import fused_attention_stablehlo as fa
         self._fa, self._orig = fa, fa.check_cudnn_version
-        if fa.cuda_versions is None:
+        try:
+            self._orig()
+        except Exception:  # noqa: BLE001 - no cuDNN here ("cuDNN is not detected." / "cuDNN not found.")
             fa.check_cudnn_version = lambda: GPU_CUDNN_VERSION
         return self
 
@@ -346,25 +374,41 @@ def format_report(r: dict) -> list[str]:
     lines = [head + f", {r['dtype']})"]
     if "memory" in r:
         m = r["memory"]
+        pool = (f"; JAX's GPU pool {_gib(r['gpu_pool_bytes'])} ({100 * r['gpu_pool_fraction']:.0f}% of "
+                f"{_gib(r['gpu_memory_bytes'])})" if "gpu_pool_bytes" in r else "")
         lines.append(f"  memory per chip: arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])} "
                      f"({_gib(m['alias_bytes'])} aliased), temps {_gib(m['temp_bytes'])}, code {_gib(m['code_bytes'])}; "
-                     f"peak {_gib(m['peak_bytes'])} of {_gib(chip['hbm_bytes'])} HBM ({100 * m['peak_bytes'] / chip['hbm_bytes']:.0f}%)")
+                     f"peak {_gib(m['peak_bytes'])} of {_gib(chip['hbm_bytes'])} HBM ({100 * m['peak_bytes'] / chip['hbm_bytes']:.0f}%)"
+                     + pool)
+    if "xla_gpu_compile" in r:
+        note = r["xla_gpu_compile"]
+        if note == "compiled":
+            note = (f"compiled without a GPU from the {r['gpu_target']} target config; no autotuning, so "
+                    f"{r['unsized_workspaces']} cuDNN workspaces are unsized (u8[0]) and not in the temps")
+        lines.append(f"  XLA:GPU: {note}")
     if "hbm_estimate" in r:
         e = r["hbm_estimate"]
         parts = ", ".join(f"{k.removesuffix('_bytes')} {_gib(v)}" for k, v in e.items() if k != "estimate_bytes")
-        lines.append(f"  HBM estimate (no GPU compiler here): {_gib(e['estimate_bytes'])} of {_gib(chip['hbm_bytes'])} ({parts})")
+        how = "traced, before XLA's fusion; XLA's figure is above" if "memory" in r else "no GPU compiler here"
+        lines.append(f"  HBM estimate ({how}): {_gib(e['estimate_bytes'])} of {_gib(chip['hbm_bytes'])} ({parts})")
     f = r["flops"]
     xla = f" (XLA's count: {f['xla_per_chip'] / 1e9:,.1f} GFLOP)" if f.get("xla_per_chip") == f.get("xla_per_chip") and f.get("xla_per_chip") is not None else ""
     lines.append(f"  FLOPs per chip per step: {f['analytic_per_chip'] / 1e9:,.1f} GFLOP analytic{xla}")
     if r.get("bytes_accessed") is not None:
         lines.append(f"  bytes accessed per chip: {r['bytes_accessed'] / 1e9:,.2f} GB (XLA's count, fused instructions "
                      f"included); kernel inputs + outputs {r['kernel_io_bytes'] / 1e9:,.2f} GB (the roofline's)")
+    elif r.get("kernel_io_bytes") is not None:
+        lines.append(f"  bytes per chip: kernel inputs + outputs {r['kernel_io_bytes'] / 1e9:,.2f} GB (the roofline's; "
+                     f"XLA gives no bytes accessed here)")
     if "collectives" in r:
         c = r["collectives"]
         lines.append("  collectives per chip: " + (", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:,.1f} MiB)"
                                                           for k, v in c.items()) or "none"))
     if "custom_calls" in r:
         lines.append("  custom calls: " + (", ".join(f"{k} x{v}" for k, v in r["custom_calls"].items()) or "none"))
+    if "compiled_custom_calls" in r:
+        lines.append("  after XLA:GPU: " + (", ".join(f"{k} x{v}" for k, v in r["compiled_custom_calls"].items())
+                                           or "none"))
     if "roofline" in r:
         rf = r["roofline"]
         if rf.get("note"):
@@ -411,8 +455,15 @@ def build_report(config, args) -> dict:
     r: dict[str, Any] = dict(config_name=str(config.get("name", os.path.basename(args.config))), config=args.config,
                              what=args.what, topology=args.topology, num_slices=args.num_slices, chip=chip.row(),
                              dtype=dtype, jax_version=jax.__version__, libtpu_version=acc.libtpu_version())
-    devices = jax.devices("cpu")[:1] if cuda else acc.tpu_devices(args.topology, args.num_slices)
-    platforms = ("cuda",) if cuda else None
+    platforms = None
+    if cuda:  # XLA:GPU's deviceless devices when the CUDA plugin can build them, else lowering only
+        devices, why = (None, "--lower-only") if getattr(args, "lower_only", False) else acc.cuda_compile_devices(args.topology)
+        r["xla_gpu_compile"] = "compiled" if devices else f"unavailable: {why}"
+        r["cuda_plugin_version"] = acc.cuda_plugin_version()
+        if devices is None:
+            devices, platforms = jax.devices("cpu")[:1], ("cuda",)
+    else:
+        devices = acc.tpu_devices(args.topology, args.num_slices)
     r["chips"] = 1 if (cuda or args.what == "fuse") else len(devices)
 
     from contextlib import ExitStack
@@ -444,10 +495,19 @@ def build_report(config, args) -> dict:
     # traced with the portable kernels (models.builders.portable_config): the same matmuls as the GPU's or TPU's
     analytic = analytic_flops(config, args.what, r.get("size"), args.batch)
     if cuda:
-        text = lowered.as_text()
-        r["custom_calls"] = custom_calls(text)
+        r["custom_calls"] = custom_calls(lowered.as_text())
+        if platforms is None:  # lowered for XLA:GPU's deviceless device: compile it
+            t1 = time.perf_counter()
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # noqa: BLE001 - e.g. no libdevice/ptxas: the lowering report stands
+                text = f"{type(e).__name__}: {e}"
+                r["xla_gpu_compile"] = "unavailable: XLA:GPU failed: " + next(
+                    (l for l in text.splitlines() if l.strip()), text)[:300]
+            else:
+                return _gpu_compiled(r, compiled, lowered, chip, analytic, images, t0, c0, t_lower, t1)
         r["flops"] = dict(analytic_per_chip=analytic, xla_per_chip=None)
-        r["compile"] = dict(stage="lowered for CUDA (not compiled: no GPU compiler here)", wall_s=t_lower,
+        r["compile"] = dict(stage="lowered for CUDA (not compiled: see xla_gpu_compile)", wall_s=t_lower,
                             cpu_s=time.process_time() - c0, lower_s=t_lower)
         r["roofline"] = roofline(analytic, float("nan"), chip, images, 1)
         r["roofline"]["note"] = "compute bound only (no bytes accessed without XLA:GPU)"
@@ -473,6 +533,33 @@ def build_report(config, args) -> dict:
     r["flops"] = dict(analytic_per_step=analytic, analytic_per_chip=per_chip, xla_per_chip=r.pop("xla_flops"))
     r["roofline"] = roofline(per_chip, r["kernel_io_bytes"], chip, images, r["chips"])
     # Whether it fits is XLA:TPU's verdict (it refuses to compile what does not fit the HBM it can use).
+    return r
+
+
+def _gpu_compiled(r, compiled, lowered, chip, analytic, images, t0, c0, t_lower, t1) -> dict:
+    """The report of a deviceless XLA:GPU compile: XLA's buffer assignment against the GPU's memory and
+    JAX's allocator pool (exit 2 above the pool), what XLA kept as library calls, the roofline."""
+    from dmfuse_jax import accelerators as acc
+
+    key = acc.CUDA_ALIASES[r["topology"].lower()]
+    target = acc.GPU_TARGETS[key]
+    r["compile"] = dict(stage="compiled by XLA:GPU", wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                        lower_s=t_lower, xla_s=time.perf_counter() - t1)
+    r["memory"] = memory(compiled)
+    r.update(cost(compiled))
+    text = compiled.as_text()
+    r.update(gpu_target=target.name, gpu_memory_bytes=target.memory_bytes, gpu_pool_fraction=acc.gpu_pool_fraction(),
+             compiled_custom_calls=compiled_custom_calls(text), unsized_workspaces=unsized_workspaces(text),
+             kernel_io_bytes=kernel_io_bytes(text))
+    r["gpu_pool_bytes"] = int(target.memory_bytes * r["gpu_pool_fraction"])
+    r["flops"] = dict(analytic_per_step=analytic, analytic_per_chip=analytic, xla_per_chip=r.pop("xla_flops"))
+    r["roofline"] = roofline(analytic, r["kernel_io_bytes"], chip, images, 1)
+    # XLA:GPU compiles what does not fit (the allocator fails at run time): the pool is the verdict
+    if r["memory"]["peak_bytes"] > r["gpu_pool_bytes"]:
+        largest = [(size, f"{shape} (global)") for size, shape in largest_arrays(lowered.as_text())]
+        raise _does_not_fit(r, _gib(r["memory"]["peak_bytes"]),
+                            f"{_gib(r['gpu_pool_bytes'])} of JAX's pool (XLA_PYTHON_CLIENT_MEM_FRACTION="
+                            f"{r['gpu_pool_fraction']:g}) of {_gib(target.memory_bytes)}", largest)
     return r
 
 

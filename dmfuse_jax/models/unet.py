@@ -162,8 +162,14 @@ def _xla_attention(q, k, v, scale):
     return (chunked_attention if big else dense_attention)(q, k, v, scale)
 
 
+CUDNN_MAX_HEAD_DIM = 128  # jax's cuDNN fused attention takes head dims <= 128, multiples of 8
+
+
 def _cudnn_attention(q, k, v, scale):
-    if q.dtype not in (jnp.bfloat16, jnp.float16):  # cuDNN's fused attention is 16-bit only
+    # cuDNN's fused attention is 16-bit only, and refuses wide heads (the paper-size UNet's 256-channel
+    # attention at 16x16): those layers take the XLA path
+    c = q.shape[-1]
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or c > CUDNN_MAX_HEAD_DIM or c % 8:
         return _xla_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=scale,
                                         implementation="cudnn")[:, :, 0]
@@ -173,7 +179,7 @@ def _cudnn_attention(q, k, v, scale):
 ATTENTION_IMPLS = {
     "xla": _xla_attention,  # dense up to CHUNK_ABOVE_TOKENS tokens, query-chunked above
     "chunked": chunked_attention,  # always query-chunked
-    "cudnn": _cudnn_attention,  # cuDNN flash attention (GPU; bf16/fp16 only: float32 goes to 'xla')
+    "cudnn": _cudnn_attention,  # cuDNN flash attention (GPU; bf16/fp16, head dim <= 128; else 'xla')
 }
 
 

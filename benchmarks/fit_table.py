@@ -119,7 +119,7 @@ def largest_text(line: str, got: dict, fit) -> str:
     lo, hi, base = bracket(line, got) if line else (None, None, None)
     if lo is not None and hi is not None:
         return f"measured: fits {lo:g}, not {hi:g}"
-    return f"predicted {largest_batch(fit, _hbm(got, base))}" if fit and base is not None else ""
+    return f"predicted {largest_batch(fit, _hbm(base))}" if fit and base is not None else ""
 
 
 def table(out: Path) -> str:
@@ -137,7 +137,7 @@ def table(out: Path) -> str:
                 # a cell on another cell's line: same chip and mesh kind, not compiled itself
                 lo, hi, base = bracket(c.line, got)
                 largest = (f"{base.name}: fits {lo:g}, not {hi:g}" if lo is not None and hi is not None
-                           else f"predicted {largest_batch(fit, _hbm(got, c))}")
+                           else f"predicted {largest_batch(fit, _hbm(c))}")
                 rows.append(f"| {c.name} | {Path(c.config).stem} | {topo} "
                             f"| | fsdp {c.fsdp} | {c.batch} | predicted {_gib(fit[0] + fit[1] * _per_chip_guess(c))} "
                             f"| {largest} | not done | not done | not done | not done | not done |")
@@ -168,11 +168,12 @@ def _does_not_fit_row(name: str, r: dict) -> str:
             f"| measured: does not fit ({why}) | | | | | | |")
 
 
-def _hbm(got, c):
-    for r in got.values():
-        if "chip" in r and r["topology"].split(":")[0] == c.topology.split(":")[0]:
-            return r["chip"]["hbm_bytes"]
-    return float("nan")
+def _hbm(c) -> float:
+    """The chip's HBM from dmfuse_jax.accelerators (today's figure, not the one a cell's JSON was
+    written with)."""
+    from dmfuse_jax.accelerators import CHIPS
+
+    return CHIPS[c.topology.split(":")[0]].hbm_bytes
 
 
 def _per_chip_guess(c: Cell) -> float:
@@ -181,7 +182,7 @@ def _per_chip_guess(c: Cell) -> float:
 
 
 def _measured_row(c: Cell, r: dict, largest: str) -> str:
-    m, rf, chip = r.get("memory", {}), r.get("roofline", {}), r["chip"]
+    m, rf, chip = r.get("memory", {}), r.get("roofline", {}), {**r["chip"], "hbm_bytes": _hbm(c)}
     topo = r["topology"] + (f" x{r['num_slices']}" if r.get("num_slices", 1) > 1 else "")
     coll = ", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:,.0f} MiB)" for k, v in r.get("collectives", {}).items()) or "none"
     if r["what"] == "train":
@@ -273,7 +274,7 @@ def check_cell(name: str, got: dict) -> Cell | None:
         return None
     r = got[base.name]
     chips = r["chips"]
-    b = largest_batch(fit, r["chip"]["hbm_bytes"])
+    b = largest_batch(fit, _hbm(base))
     return Cell(f"{base.name.rsplit('_b', 1)[0]}_check_b{b * chips}", base.config, base.topology, b * chips,
                 fsdp=base.fsdp, num_slices=base.num_slices, line=line)
 

@@ -3,7 +3,9 @@ per chip (the vendors' published figures, sources in `CHIPS` and docs/fit.md), a
 name, built without TPU hardware through libtpu's compile-only client.
 
 Figures are as published: Google gives v5e and v6e HBM in "GB", v4 in "GiB", v5p in "GB"; NVIDIA
-gives H100/H200 memory in GB. Peak FLOP/s is dense bf16 (NVIDIA's 1,979 TFLOP/s is with 2:4
+gives H100/H200 memory in GB. Except v5e: its "16 GB" is 16 GiB. XLA:TPU allows 15.75 GiB of it and
+compiled a step with 15.69 GiB of arguments + temporaries (configs/coco_pretrain.py, 48 per chip;
+docs/fit.md), more than 16e9 bytes could hold. Peak FLOP/s is dense bf16 (NVIDIA's 1,979 TFLOP/s is with 2:4
 sparsity: dense is half). They are upper bounds for a roofline, not expectations.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Chip:
 # name -> chip. Registry: a new chip is a new row (and, for a TPU, its libtpu prefix below).
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 32 * GIB, 275e12, 1200 * GB, "tpu", "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GB, 197e12, 819 * GB, "tpu", "https://cloud.google.com/tpu/docs/v5e"),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819 * GB, "tpu", "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("TPU v5p", 95 * GB, 459e12, 2765 * GB, "tpu", "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("TPU v6e", 32 * GB, 918e12, 1638 * GB, "tpu", "https://cloud.google.com/tpu/docs/v6e"),
     "h100": Chip("NVIDIA H100 SXM", 80 * GB, 989e12, 3350 * GB, "cuda",

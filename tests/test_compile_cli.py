@@ -123,6 +123,22 @@ def test_cuda_lowering_has_triton_and_cudnn(case):
         assert e["residual_bytes"] > 0
 
 
+@needs_libtpu
+def test_tpu_stage2_data_parallel_moves_nothing_but_gradients(tmp_path):
+    """Stage 2 data parallel (the quickstart fusion step, 1 pair per chip of 4): the only collective is
+    the gradient all-reduce. The UNet batch (both modalities at 3 timesteps) and the head's paired
+    batches are image-major (`fusion_head.pair_batch`); laid out t-major or concatenated along the
+    batch, XLA moved activations between chips (130 collective-permutes and an all-gather here, and
+    14.2 GiB per chip for the paper-size step at 4 per chip on v5e-8; docs/fit.md)."""
+    out = tmp_path / "report.json"
+    p = dmfuse_compile("--config", "configs/quickstart_fusion.py", "--topology", "v5e:2x2", "--config.batch_size=4",
+                       "--config.data.patch_size=32", "--config.model.dtype=bfloat16", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["stage"] == "fusion" and r["mesh"] == {"data": 4, "fsdp": 1} and r["per_chip_batch"] == 1
+    assert set(r["collectives"]) == {"all-reduce"}, r["collectives"]
+
+
 def test_fit_table_affine_line_and_status(tmp_path):
     """benchmarks/fit_table.py: the memory line from two measured cells, the largest batch it predicts,
     and the table's marks (measured / predicted / does not fit / not done), from JSON cells alone."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax.data.images import luma
-from dmfuse_jax.diffusion.gaussian import Schedule, q_sample
+from dmfuse_jax.diffusion.gaussian import Schedule
 from dmfuse_jax.models.fusion_head import FusionHead
 from dmfuse_jax.models.unet import UNet
 
@@ -24,6 +24,27 @@ def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
 
 
+def noisy_grid(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedule,
+               timesteps: Sequence[int], channels: int) -> tuple[jax.Array, jax.Array]:
+    """Both modalities at every timestep: x_t (T, 2, B, H, W, channels) and g (T, 2, B), modality 0
+    the infrared. Noise is drawn per entry in that (row-major) order, so with jax's partitionable
+    threefry it is the same as drawing the flat (T * 2 * B, ...) array, and each image's noise can be
+    made on the device that holds the image."""
+    b = ir.shape[0]
+    n_t = len(timesteps)
+    x0 = jnp.stack([ir, vi]).astype(jnp.float32)  # (2, B, H, W, 1)
+    x0 = jnp.repeat(x0, channels, axis=-1) if channels != 1 else x0
+    x0 = jnp.broadcast_to(x0[None], (n_t,) + x0.shape)
+    table = np.asarray(schedule.sqrt_alphas_cumprod_prev, np.float32)
+    t = np.broadcast_to(np.asarray(timesteps)[:, None, None], (n_t, 2, b))
+    lo, hi = jnp.asarray(table[t]), jnp.asarray(table[t - 1])
+    k_g, k_eps = jax.random.split(key)
+    g = lo + (hi - lo) * jax.random.uniform(k_g, lo.shape)
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    gg = g.astype(x0.dtype)[..., None, None, None]  # q_sample's x_t = g x0 + sqrt(1 - g^2) eps, in this layout
+    return gg * x0 + jnp.sqrt(1.0 - gg * gg) * eps, g
+
+
 def noisy_inputs(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedule,
                  timesteps: Sequence[int], channels: int) -> tuple[jax.Array, jax.Array]:
     """Both modalities at every timestep, as one UNet batch.
@@ -31,17 +52,8 @@ def noisy_inputs(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedul
     ir, vi: (B, H, W, 1). Returns x_t (T * 2 * B, H, W, channels), ordered t-major, then
     modality (infrared first), then image; and g (T * 2 * B,) drawn per entry from its step's interval.
     """
-    b = ir.shape[0]
-    n_t = len(timesteps)
-    x0 = jnp.concatenate([ir, vi], axis=0).astype(jnp.float32)
-    x0 = jnp.repeat(x0, channels, axis=-1) if channels != 1 else x0
-    x0 = jnp.broadcast_to(x0[None], (n_t,) + x0.shape).reshape((n_t * 2 * b,) + x0.shape[1:])
-    table = np.asarray(schedule.sqrt_alphas_cumprod_prev, np.float32)
-    t = np.repeat(np.asarray(timesteps), 2 * b)
-    lo, hi = jnp.asarray(table[t]), jnp.asarray(table[t - 1])
-    k_g, k_eps = jax.random.split(key)
-    g = lo + (hi - lo) * jax.random.uniform(k_g, lo.shape)
-    return q_sample(x0, g, jax.random.normal(k_eps, x0.shape, jnp.float32)), g
+    x, g = noisy_grid(key, ir, vi, schedule, timesteps, channels)
+    return x.reshape((-1,) + x.shape[3:]), g.reshape(-1)
 
 
 class DMFuse(nn.Module):
@@ -67,15 +79,17 @@ class DMFuse(nn.Module):
         Noise (g and eps) comes from the 'noise' RNG stream: a fixed key gives a fixed output.
         """
         b, n_t = ir.shape[0], len(self.timesteps)
-        x_t, g = noisy_inputs(self.make_rng("noise"), ir, vi, self.schedule, self.timesteps,
-                              self.unet.in_channels)
-        taps = self.unet(x_t, g, taps=True)
+        x, g = noisy_grid(self.make_rng("noise"), ir, vi, self.schedule, self.timesteps, self.unet.in_channels)
+        # The UNet batch is image-major (B, T, 2): a batch sharded over devices keeps each image's
+        # 2 T passes on its own device (a t-major batch makes XLA move them between devices).
+        x = jnp.moveaxis(x, 2, 0).reshape((b * n_t * 2,) + x.shape[3:])
+        taps = self.unet(x, jnp.moveaxis(g, 2, 0).reshape(-1), taps=True)
         ir_feats, vi_feats = [], []
         for tap in taps:
-            tap = jax.lax.stop_gradient(tap).reshape((n_t, 2, b) + tap.shape[1:])
-            per_mod = jnp.concatenate([tap[i] for i in range(n_t)], axis=-1)  # (2, B, h, w, T C)
-            ir_feats.append(per_mod[0])
-            vi_feats.append(per_mod[1])
+            tap = jax.lax.stop_gradient(tap).reshape((b, n_t, 2) + tap.shape[1:])
+            per_mod = jnp.concatenate([tap[:, i] for i in range(n_t)], axis=-1)  # (B, 2, h, w, T C)
+            ir_feats.append(per_mod[:, 0])
+            vi_feats.append(per_mod[:, 1])
         return ir_feats, vi_feats
 
     def diffusion_inputs(self, ir: jax.Array, vi: jax.Array):

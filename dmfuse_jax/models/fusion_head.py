@@ -69,6 +69,18 @@ class Reducer(DtypeModule):
         return ChannelSpatialSE(name="scSE", **kw)(x)
 
 
+def pair_batch(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) twice -> (2 B, ...) image-major: a[0], b[0], a[1], b[1], ... Unlike concatenating
+    along the batch, each device of a batch-sharded input keeps its own images."""
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def unpair_batch(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `pair_batch`."""
+    x = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+    return x[:, 0], x[:, 1]
+
+
 class CAIM(DtypeModule):
     """Criss-cross cross-attention interactive module.
 
@@ -87,12 +99,11 @@ class CAIM(DtypeModule):
         key = nn.Conv(self.qk_features, (1, 1), name="key_conv", **kw)
         value = nn.Conv(c, (1, 1), name="value_conv", **kw)
         gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
-        # One batched call for both directions: [infrared out; visible out].
-        xy = jnp.concatenate([x, y], axis=0)
-        yx = jnp.concatenate([y, x], axis=0)
+        # One batched call for both directions, image-major (B, 2): (infrared out, visible out) per
+        # image, so a batch sharded over devices stays where it is.
+        xy, yx = pair_batch(x, y), pair_batch(y, x)
         att = criss_cross_attention(query(yx), key(xy), value(xy), impl=self.impl)
-        out = gamma.astype(att.dtype)[0] * att + xy
-        return jnp.split(out, 2, axis=0)
+        return unpair_batch(gamma.astype(att.dtype)[0] * att + xy)
 
 
 class FusionHead(DtypeModule):
@@ -132,8 +143,5 @@ class FusionHead(DtypeModule):
 
     def __call__(self, ir_feats: Sequence[jax.Array], vi_feats: Sequence[jax.Array]) -> jax.Array:
         # Both modalities share the reducers: run them batched.
-        b = ir_feats[0].shape[0]
-        reduced = self.reduce([jnp.concatenate([a, v], axis=0) for a, v in zip(ir_feats, vi_feats)])
-        ir = [r[:b] for r in reduced]
-        vi = [r[b:] for r in reduced]
+        ir, vi = zip(*(unpair_batch(r) for r in self.reduce([pair_batch(a, v) for a, v in zip(ir_feats, vi_feats)])))
         return self.decode(self.interact(ir, vi))

@@ -113,12 +113,14 @@ def _gib(x):
     return f"{x / 2 ** 30:.2f}"
 
 
-def largest_text(line: str, got: dict, fit) -> str:
-    """The largest-batch column of a line: the bisection's bracket where a compile failed above one
-    that fitted (measured), else the affine line's prediction."""
-    lo, hi, base = bracket(line, got) if line else (None, None, None)
+def largest_text(c: Cell, got: dict, fit) -> str:
+    """The largest-batch column of cell c: the bisection's bracket where a compile failed above one
+    that fitted (measured, for c's own program; a cell elsewhere on the line shows its base cell's
+    bracket by name), else the affine line's prediction."""
+    lo, hi, base = bracket(c.line, got) if c.line else (None, None, None)
     if lo is not None and hi is not None:
-        return f"measured: fits {lo:g}, not {hi:g}"
+        own = (base.topology, base.num_slices, base.fsdp) == (c.topology, c.num_slices, c.fsdp)
+        return f"measured: fits {lo:g}, not {hi:g}" if own else f"{base.name}: fits {lo:g}, not {hi:g}"
     return f"predicted {largest_batch(fit, _hbm(base))}" if fit and base is not None else ""
 
 
@@ -147,7 +149,7 @@ def table(out: Path) -> str:
         if "does_not_fit" in r:
             rows.append(_does_not_fit_row(c.name, r))
             continue
-        rows.append(_measured_row(c, r, largest_text(c.line, got, fit)))
+        rows.append(_measured_row(c, r, largest_text(c, got, fit)))
     for n in (n for n in got if n not in {c.name for c in CELLS}):  # check and bisection cells
         r = got[n]
         if "does_not_fit" in r:

@@ -137,9 +137,7 @@ def table(out: Path) -> str:
         if r is None:
             if fit and c.what == "train":
                 # a cell on another cell's line: same chip and mesh kind, not compiled itself
-                lo, hi, base = bracket(c.line, got)
-                largest = (f"{base.name}: fits {lo:g}, not {hi:g}" if lo is not None and hi is not None
-                           else f"predicted {largest_batch(fit, _hbm(c))}")
+                largest = largest_text(c, got, fit)
                 rows.append(f"| {c.name} | {Path(c.config).stem} | {topo} "
                             f"| | fsdp {c.fsdp} | {c.batch} | predicted {_gib(fit[0] + fit[1] * _per_chip_guess(c))} "
                             f"| {largest} | not done | not done | not done | not done | not done |")
@@ -179,8 +177,7 @@ def _hbm(c) -> float:
 
 
 def _per_chip_guess(c: Cell) -> float:
-    chips = math.prod(int(x) for x in c.topology.split(":")[1].split("x")) * c.num_slices
-    return c.batch / chips
+    return c.batch / _chips(c.topology, c.num_slices)
 
 
 def _measured_row(c: Cell, r: dict, largest: str) -> str:

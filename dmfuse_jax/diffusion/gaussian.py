@@ -61,8 +61,9 @@ def sample_noise_level(key: jax.Array, schedule: Schedule, t: jax.Array) -> jax.
 
 
 def q_sample(x0: jax.Array, g: jax.Array, eps: jax.Array) -> jax.Array:
-    """x_t = g x0 + sqrt(1 - g^2) eps. x0, eps: (B, H, W, C); g: (B,)."""
-    g = g.astype(x0.dtype)[:, None, None, None]
+    """x_t = g x0 + sqrt(1 - g^2) eps. x0, eps: (..., H, W, C); g: (...,), the leading axes of x0
+    ((B,) for a UNet batch)."""
+    g = g.astype(x0.dtype)[..., None, None, None]
     return g * x0 + jnp.sqrt(1.0 - g * g) * eps
 
 

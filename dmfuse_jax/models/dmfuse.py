@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax.data.images import luma
-from dmfuse_jax.diffusion.gaussian import Schedule
+from dmfuse_jax.diffusion.gaussian import Schedule, q_sample
 from dmfuse_jax.models.fusion_head import FusionHead
 from dmfuse_jax.models.unet import UNet
 
@@ -41,8 +41,7 @@ def noisy_grid(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedule,
     k_g, k_eps = jax.random.split(key)
     g = lo + (hi - lo) * jax.random.uniform(k_g, lo.shape)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    gg = g.astype(x0.dtype)[..., None, None, None]  # q_sample's x_t = g x0 + sqrt(1 - g^2) eps, in this layout
-    return gg * x0 + jnp.sqrt(1.0 - gg * gg) * eps, g
+    return q_sample(x0, g, eps), g
 
 
 def noisy_inputs(key: jax.Array, ir: jax.Array, vi: jax.Array, schedule: Schedule,

@@ -7,6 +7,8 @@ compiles on the same chip and mesh kind), or not done.
   python benchmarks/fit_table.py --run coco_v5e8_b64            # one cell (under the heavy lock)
   python benchmarks/fit_table.py --run all                      # every missing cell, in priority order
   python benchmarks/fit_table.py --run 'largest:v5e dp'         # bisect the largest per-chip batch that compiles
+  python benchmarks/fit_table.py --run 'at:v4 dp:96'            # the line's program at 96 images per chip
+  python benchmarks/fit_table.py --run fuse:1056                 # fuse one 1056x1056 pair on one v5e chip
   python benchmarks/fit_table.py                                # print the table from what exists
 
 A paper-size compile costs ~22 min and ~10 GB resident on 2 cores: each cell runs as
@@ -91,11 +93,14 @@ def load(out: Path) -> dict[str, dict]:
 
 def lines(cells: list[Cell], got: dict[str, dict]) -> dict[str, tuple[float, float, str]]:
     """line -> (a, k, source): peak bytes per chip = a + k * per-chip batch, from the two measured
-    cells of that line with the most different per-chip batches."""
+    results of that line with the most different per-chip batches (its cells, and any other compile
+    of its first cell's program: bisection, 'at:' and check compiles)."""
     fits = {}
     for line in {c.line for c in cells if c.line}:
-        pts = sorted({(got[c.name]["per_chip_batch"], got[c.name]["memory"]["peak_bytes"], c.name)
-                      for c in cells if c.line == line and "memory" in got.get(c.name, {})})
+        base = next(c for c in cells if c.line == line)
+        named = {c.name for c in cells if c.line == line}
+        pts = sorted({(r["per_chip_batch"], r["memory"]["peak_bytes"], n) for n, r in got.items()
+                      if "memory" in r and (n in named or _same_program(base, r))})
         if len(pts) < 2 or pts[0][0] == pts[-1][0]:
             continue
         (b0, m0, n0), (b1, m1, n1) = pts[0], pts[-1]
@@ -115,12 +120,17 @@ def _gib(x):
 
 def largest_text(c: Cell, got: dict, fit) -> str:
     """The largest-batch column of cell c: the bisection's bracket where a compile failed above one
-    that fitted (measured, for c's own program; a cell elsewhere on the line shows its base cell's
-    bracket by name), else the affine line's prediction."""
+    that fitted (measured, for c's own program); for a cell elsewhere on the line, its base cell's
+    bracket by name, with c's own largest compile that fitted when it reaches the bracket (a check
+    that the same per-chip program fits there too); else the affine line's prediction."""
     lo, hi, base = bracket(c.line, got) if c.line else (None, None, None)
     if lo is not None and hi is not None:
-        own = (base.topology, base.num_slices, base.fsdp) == (c.topology, c.num_slices, c.fsdp)
-        return f"measured: fits {lo:g}, not {hi:g}" if own else f"{base.name}: fits {lo:g}, not {hi:g}"
+        own_lo, own_hi = program_bracket(c, got)
+        if own_lo is not None and own_hi is not None:
+            return f"measured: fits {own_lo:g}, not {own_hi:g}"
+        if own_lo is not None and own_lo >= lo:
+            return f"fits {own_lo:g} (own compile); {base.name}: fits {lo:g}, not {hi:g}"
+        return f"{base.name}: fits {lo:g}, not {hi:g}"
     return f"predicted {largest_batch(fit, _hbm(base))}" if fit and base is not None else ""
 
 
@@ -160,11 +170,15 @@ def table(out: Path) -> str:
 
 
 def _does_not_fit_row(name: str, r: dict) -> str:
-    chips = _chips(r["topology"], r.get("num_slices", 1))
-    batch = f"{r['batch']} ({r['batch'] / chips:g})" if r.get("batch") else ""
+    if r.get("what") == "fuse":  # one chip, whatever the slice
+        chips, batch = 1, f"{r['batch']} pair {r.get('size', '')}"
+    else:
+        chips = _chips(r["topology"], r.get("num_slices", 1))
+        batch = f"{r['batch']} ({r['batch'] / chips:g})" if r.get("batch") else ""
     why = r["does_not_fit"].split("error: ", 1)[-1].split("; largest buffers", 1)[0]
     why = "needs " + why.split(" needs ", 1)[1] if " needs " in why else why
-    return (f"| {name} | {Path(r['config']).stem} | {r['topology']} | {chips} | fsdp {r.get('fsdp', 1)} | {batch} "
+    mesh = "1 chip" if r.get("what") == "fuse" else f"fsdp {r.get('fsdp', 1)}"
+    return (f"| {name} | {Path(r['config']).stem} | {r['topology']} | {chips} | {mesh} | {batch} "
             f"| measured: does not fit ({why}) | | | | | | |")
 
 
@@ -212,7 +226,7 @@ def run_cell(cell: Cell, out: Path, lock: str | None) -> int:
                      if l.startswith("dmfuse compile: error:")), "exit 2")
         (out / f"{cell.name}.json").write_text(json.dumps(dict(
             does_not_fit=line, config=cell.config, topology=cell.topology, batch=cell.batch, fsdp=cell.fsdp,
-            num_slices=cell.num_slices, what=cell.what)))
+            num_slices=cell.num_slices, what=cell.what, size=cell.size)))
     return rc
 
 
@@ -227,16 +241,13 @@ def _same_program(cell: Cell, r: dict) -> bool:
             and r.get("num_slices", 1) == cell.num_slices and fsdp == cell.fsdp and r.get("what", "train") == "train")
 
 
-def bracket(line: str, got: dict) -> tuple[int | None, int | None, Cell | None]:
-    """(largest per-chip batch that compiled, smallest that did not, above it; the line's first cell)
-    over every result of the line's program, whatever its name."""
-    base = next((c for c in CELLS if c.line == line), None)
-    if base is None:
-        return None, None, None
-    chips = _chips(base.topology, base.num_slices)
+def program_bracket(cell: Cell, got: dict) -> tuple[float | None, float | None]:
+    """(largest per-chip batch that compiled, smallest above it that did not) over every result of
+    cell's program (config, topology, slices, fsdp), whatever its name."""
+    chips = _chips(cell.topology, cell.num_slices)
     fits, fails = [], []
     for r in got.values():
-        if not _same_program(base, r):
+        if not _same_program(cell, r):
             continue
         if "does_not_fit" in r:
             fails.append(r["batch"] / chips)
@@ -244,7 +255,15 @@ def bracket(line: str, got: dict) -> tuple[int | None, int | None, Cell | None]:
             fits.append(r["per_chip_batch"])
     lo = max(fits, default=None)
     hi = min((b for b in fails if lo is None or b > lo), default=None)
-    return lo, hi, base
+    return lo, hi
+
+
+def bracket(line: str, got: dict) -> tuple[int | None, int | None, Cell | None]:
+    """`program_bracket` of the line's first cell, and that cell."""
+    base = next((c for c in CELLS if c.line == line), None)
+    if base is None:
+        return None, None, None
+    return (*program_bracket(base, got), base)
 
 
 def largest_cell(name: str, got: dict, resolution: int) -> Cell | None:
@@ -260,6 +279,25 @@ def largest_cell(name: str, got: dict, resolution: int) -> Cell | None:
     mid = int((lo + hi) // 2)
     chips = _chips(base.topology, base.num_slices)
     return Cell(f"{base.name.rsplit('_b', 1)[0]}_b{mid * chips}", base.config, base.topology, mid * chips,
+                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+
+
+def at_cell(name: str) -> Cell | None:
+    """'at:LINE:N' -> the program of the line's first cell at N images per chip (a probe: one side of a
+    bracket); 'at:CELL:N' -> that cell's program; 'fuse:S' -> the fuse function for one SxS pair on
+    one v5e chip."""
+    kind, _, rest = name.partition(":")
+    if kind == "fuse":
+        size = int(rest)
+        return Cell(f"fuse_v5e_{size}", "configs/dmfuse_quarter.py", "v5e:2x2", 1, what="fuse", size=f"{size}x{size}")
+    line, _, n = rest.rpartition(":")
+    base = next((c for c in CELLS if c.name == line), None) or next((c for c in CELLS if c.line == line), None)
+    if base is None or not n.isdigit():
+        print(f"{name}: want at:LINE:IMAGES_PER_CHIP or at:CELL:IMAGES_PER_CHIP with a known line or cell", file=sys.stderr)
+        return None
+    chips = _chips(base.topology, base.num_slices)
+    stem = base.name.rsplit("_b", 1)[0] if "_b" in base.name else base.name
+    return Cell(f"{stem}_b{int(n) * chips}", base.config, base.topology, int(n) * chips,
                 fsdp=base.fsdp, num_slices=base.num_slices, line=line)
 
 
@@ -282,7 +320,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--run", help="comma list of cell names, 'check:LINE' (compile the predicted largest batch), "
-                                 "'largest:LINE' (bisect the largest batch that compiles), or 'all'")
+                                 "'largest:LINE' (bisect the largest batch that compiles), 'at:LINE:N' (N images "
+                                 "per chip), 'fuse:S' (one SxS pair), or 'all'")
     p.add_argument("--resolution", type=int, default=8,
                    help="largest:LINE stops when fits and does-not-fit are this many images per chip apart (default: %(default)s)")
     p.add_argument("--max-compiles", type=int, default=4, help="largest:LINE: at most this many compiles per run")
@@ -300,6 +339,8 @@ def main(argv=None) -> int:
                 continue
             if name.startswith("check:"):
                 cell = check_cell(name, got)
+            elif name.startswith(("at:", "fuse:")):
+                cell = at_cell(name)
             else:
                 cell = next((c for c in CELLS if c.name == name), None)
                 if cell is None:

@@ -6,24 +6,28 @@ dmfuse_jax/data/harvard_split.py) are never trained on; the first of each set is
   dmfuse train --config configs/harvard_fusion.py --workdir workdirs/harvard_fusion
 
 It starts from the default model's UNet and head (the flat npz files of ../shared/weights, the ones
-dmfuse_jax/assets/default_bundle was built from) with a fresh Adam, and uses the paper's fusion loss
-(weights 1, 4, 20) unchanged. MRI takes the infrared role, CT / PET / SPECT the visible role (their
-BT.601 luma: PET and SPECT are colour), as `dmfuse fuse --mode medical` does. 128x128 patches with a
-sliding step of 32 (25 per 256x256 pair), batch 2, Adam 1e-4 (constant), float32, 400 steps (800
-patches, about a third of the 2,275): sized for about an hour on a 2-core CPU. Measured: 400 steps in
-57 min wall (1,152 s CPU, peak 3.1 GiB resident) on a 2-core machine shared with three other jobs
-(1-minute load average 6 to 24, median 13; about 2.8 s of CPU per step, so less wall time on an
-idle machine, not measured). The run was started with total_steps 720 and stopped by SIGTERM after
-its step-400 checkpoint (constant learning rate: the same as a 400-step run). The shipped head is a
-second run of this config from that head (`--config.init.head_params=<the step-400 head as npz>`,
-400 more steps: 14.5 min wall, 1,067 s CPU, peak 3.4 GiB, load 3 to 4, 2026-12-02), its step-400
-raw params stored as float16:
+dmfuse_jax/assets/default_bundle was built from) with a fresh Adam. The loss is the paper's (weights
+1, 4, 20) with one change, measured and written down in docs/evaluation.md ("MRI-PET Qabf: the
+gradient term on the recoloured image"): its gradient term is computed on the recoloured image,
+per R, G, B channel (`loss.w_gradient = 0`, `loss.w_colour = 20`). For a grey partner (CT) that is
+the paper's term exactly; for PET and SPECT it keeps the fused luma from clipping a colour channel.
+MRI takes the infrared role, CT / PET / SPECT the visible role (their BT.601 luma, as `dmfuse fuse
+--mode medical` does; the colour term also gets their colour offsets). 128x128 patches with a sliding
+step of 32 (25 per 256x256 pair), batch 2, Adam 1e-4 (constant), float32, 400 steps (800 patches,
+about a third of the 2,275): sized for about an hour on a 2-core CPU (measured: 27 to 31 min wall,
+940 to 1,020 s CPU, 3.0 to 3.5 GiB resident per 400 steps beside two TPU compiles; 57 min under
+heavier load).
+
+The shipped head (dmfuse_jax/assets/medical_head.npz, float16) is four runs of 400 steps, each
+from the head before it: two with the paper's loss unchanged (`--config.loss.w_gradient=20
+--config.loss.w_colour=0`, 2026-12-01 and 02), then two of this config
+(`--config.init.head_params=<the previous head as npz>`, 2026-12-02), stored as
 
   python -c "import dmfuse_jax; from dmfuse_jax.conversion.npz import save_npz; \
     save_npz('dmfuse_jax/assets/medical_head.npz', \
-             dmfuse_jax.load_params('workdirs/harvard_fusion_800', ema=False, step=400)['head'], dtype='float16')"
+             dmfuse_jax.load_params('WORKDIR', ema=False, step=400)['head'], dtype='float16')"
 
-docs/evaluation.md, "Medical head", has the loss curve, both runs and the held-out scores.
+docs/evaluation.md, "Medical head", has the loss curves, the runs and the held-out scores.
 """
 from dmfuse_jax.data import harvard_split
 from dmfuse_jax.training import defaults
@@ -47,6 +51,8 @@ def get_config():
                    train=harvard_split.TRAIN[name], heldout=harvard_split.HELDOUT[name])
         for name, (a, b) in harvard_split.FOLDERS.items()})
     config.optimizer.learning_rate = 1e-4
+    config.loss.w_gradient = 0.0  # the gradient term moves to the recoloured image (same for a grey CT)
+    config.loss.w_colour = 20.0
     config.init.unet_params = "../shared/weights/dmfuse_jax_roadscene_unet_ema_fp16.npz"
     config.init.head_params = "../shared/weights/dmfuse_jax_roadscene_head_ema.npz"
     return config

@@ -89,6 +89,24 @@ def test_batch_that_cannot_fit_exits_2():
     assert "HBM" in line and "largest buffers" in line and "fsdp" in line, line
 
 
+def test_a_compiled_program_past_the_chips_hbm_does_not_fit():
+    """XLA:TPU's compile-only client compiled a 1088x1088 fuse with 17.55 GiB of temps for a 16 GiB v5e
+    (docs/fit.md): the command's own check refuses what XLA let through; generated code is left out,
+    as XLA's limit leaves it (48 per chip on v5e-8 fits with 15.69 GiB of buffers + 0.19 GiB of code)."""
+    from dmfuse_jax.commands.compile import check_tpu_capacity
+    from dmfuse_jax.errors import UserError
+
+    gib = 2 ** 30
+    r = dict(config_name="dmfuse_quarter", topology="v5e:2x2", what="fuse", batch=1, size=(1088, 1088),
+             chip={"name": "TPU v5e", "hbm_bytes": 16 * gib},
+             memory=dict(peak_bytes=int(17.84 * gib), code_bytes=int(0.17 * gib)))
+    with pytest.raises(UserError, match=r"does not fit v5e:2x2: 1 pair\(s\) of 1088x1088 needs 17.67 GiB .*"
+                                        r"TPU v5e has 16.00 GiB HBM; largest buffers: 1 GiB f32\[8\] \(global\)"):
+        check_tpu_capacity(r, lambda: [("1 GiB", "f32[8]")])
+    r["memory"] = dict(peak_bytes=int(15.88 * gib), code_bytes=int(0.19 * gib))
+    check_tpu_capacity(r, lambda: [])  # fits: no error
+
+
 def test_bad_topology_exits_2():
     p = dmfuse_compile("--config", PRETRAIN, "--topology", "v9x:2x2")
     assert p.returncode == 2 and "--topology v9x:2x2" in p.stderr and "Traceback" not in p.stderr
@@ -222,6 +240,15 @@ def test_fit_table_bisects_the_largest_batch(tmp_path):
     assert "coco_v5e8_b64: fits 36, not 50" in row("coco_v5e16_fsdp1")  # same chip and mesh kind, not compiled
     assert "does not fit (needs 20.00G per chip" in row("coco_v5e8_b400") and "400 (50)" in row("coco_v5e8_b400")
     assert "measured 9.00" in row("coco_v5e8_b288")
+    # 'at:CELL:N' compiles that cell's own program at N per chip; a fit there joins its row
+    at = ft.at_cell("at:coco_v5e16_fsdp1:36")
+    assert (at.name, at.batch, at.topology, at.fsdp, at.num_slices) == ("coco_v5e16_fsdp1_b576", 576, "v5e:4x4", 1, 1)
+    assert ft.at_cell("at:v6e dp:64").batch == 512 and ft.at_cell("fuse:1056").size == "1056x1056"
+    r = json.loads((tmp_path / "coco_v5e8_b288.json").read_text())
+    r.update(topology="v5e:4x4", chips=16, global_batch=576)
+    (tmp_path / "coco_v5e16_fsdp1_b576.json").write_text(json.dumps(r))
+    assert "fits 36 (own compile); coco_v5e8_b64: fits 36, not 50" in next(
+        l for l in ft.table(tmp_path).splitlines() if l.startswith("| coco_v5e16_fsdp1 |"))
 
 
 def test_hlo_parsing_collectives_kernel_io_and_oom():

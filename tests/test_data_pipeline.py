@@ -212,3 +212,26 @@ def test_real_roadscene_patches(shared_dir):
     assert len(src) > 100 and el["ir"].shape == (256, 256, 1)
     assert -1.0 <= el["vi"].min() < el["vi"].max() <= 1.0
     assert {n for n, _, _ in held}.isdisjoint(n for n, _, _ in train)
+
+
+def test_chroma_offsets_rebuild_the_visible_colours(pair_dirs, tmp_path):
+    """PairedPatchSource(chroma=True): vi + vi_chroma is the visible image's RGB in model range, the
+    offsets have zero luma, and a grey visible image has none."""
+    ir, vi = pair_dirs
+    write_png(vi / "p0.jpg", 40, 50, seed=3)  # grey; p1 and p2 stay colour
+    train, _ = fp.split_pairs(ir, vi)
+    src = fp.PairedPatchSource(train, patch=16, step=12, chroma=True)
+    names = [n for n, _, _ in train]
+    for i in range(len(src)):
+        pair, y, x = src.index[i]
+        el = src[i]
+        assert set(el) == {"ir", "vi", "vi_chroma"} and el["vi_chroma"].shape == (16, 16, 3)
+        np.testing.assert_allclose(el["vi_chroma"] @ np.asarray(LUMA, np.float32), 0, atol=1e-5)
+        if names[pair] == "p0":
+            np.testing.assert_array_equal(el["vi_chroma"], 0)
+    i = next(i for i in range(len(src)) if names[src.index[i][0]] == "p1")
+    _, y, x = src.index[i]
+    got = src[i]["vi"] + src[i]["vi_chroma"]
+    want = np.asarray(Image.open(vi / "p1.jpg"), np.float32)[y:y + 16, x:x + 16] / 255.0 * 2 - 1
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert "vi_chroma" not in fp.PairedPatchSource(train, patch=16, step=12)[0]

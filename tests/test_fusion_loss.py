@@ -159,3 +159,50 @@ def test_paper_loss_matches_an_independent_formulation_of_design_section_5():
     l_int = np.mean(np.abs(f64 - (ir64 + vi64) / 2))
     want = 1 * l_ssim + 4 * l_int + 20 * np.mean(np.abs(g_f - np.maximum(g_ir, g_vi)))
     assert float(got) == pytest.approx(want, rel=2e-5)
+
+
+def _pet_like(h=32, w=32):
+    """A red disc (PET-like hot spot) on black: (1, H, W, 3) RGB in [0, 1]."""
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 4) ** 2).astype(np.float32)
+    return np.stack([disc * 0.9, disc * 0.2, disc * 0.05], -1)[None]
+
+
+def test_colour_gradient_loss_is_the_luma_gradient_term_for_a_grey_visible_image():
+    from dmfuse_jax.training.fusion_loss import colour_gradient_loss
+
+    f, a, b = _img(1), _img(2), _img(3)
+    _, aux = fusion_loss(f, a, b)
+    got = colour_gradient_loss(f, a, b, jnp.zeros(f.shape[:-1] + (3,)), -1.0, 1.0)
+    np.testing.assert_allclose(float(got), float(aux["loss_gradient"]), rtol=1e-6)
+
+
+def test_colour_gradient_loss_sees_a_channel_the_recolouring_clips():
+    """A fused luma darker than PET's on the hot spot clips PET's blue channel to black there: the
+    recoloured term rises and its gradient pushes the luma up; the luma-only term cannot tell."""
+    from dmfuse_jax.data.images import luma
+    from dmfuse_jax.training.fusion_loss import colour_gradient_loss, recolour
+
+    rgb = _pet_like()
+    y = luma(rgb)
+    chroma = jnp.asarray((rgb - y) * 2)  # model-range offsets of [-1, 1]
+    vi, ir = jnp.asarray(y * 2 - 1), jnp.full(y.shape, -1.0)
+    np.testing.assert_allclose(np.asarray(recolour(vi, chroma, -1, 1)), rgb * 2 - 1, atol=1e-6)
+    exact = colour_gradient_loss(vi, ir, vi, chroma, -1.0, 1.0)
+    assert float(exact) < 1e-6, "the visible image itself preserves every channel's edges"
+    dim = jnp.where(vi > -1, vi - 0.2, vi)
+    assert float(colour_gradient_loss(dim, ir, vi, chroma, -1.0, 1.0)) > 10 * float(exact) + 1e-3
+    grad = jax.grad(lambda f: colour_gradient_loss(f, ir, vi, chroma, -1.0, 1.0))(dim)
+    assert float(jnp.sum(grad * (vi > -1))) < 0, "descent raises the luma of the spot"
+
+
+def test_w_colour_needs_the_offsets_and_adds_its_term():
+    cfg = fusion_loss_config("paper")
+    f, a, b = _img(4), _img(5), _img(6)
+    base, _ = fusion_loss_from_config(f, a, b, cfg)
+    cfg.w_colour = 2.0
+    with pytest.raises(ValueError, match="vi_chroma"):
+        fusion_loss_from_config(f, a, b, cfg)
+    ch = jnp.zeros(f.shape[:-1] + (3,))
+    total, aux = fusion_loss_from_config(f, a, b, cfg, vi_chroma=ch)
+    np.testing.assert_allclose(float(total), float(base) + 2.0 * float(aux["loss_colour"]), rtol=1e-6)

@@ -192,3 +192,28 @@ def test_quality_script_split_heldout_uses_only_the_held_out_pairs(shared_dir, t
     table = q.background_table(["average"], d / "inputs" / "a", d / "inputs" / "b", d)
     row = table.splitlines()[2].split("|")
     assert row[1].strip() == "average" and float(row[2]) <= 3.0, table  # averaging black with black stays black
+
+
+def test_loss_w_colour_feeds_the_fusion_stage_the_colour_offsets(shared_dir):
+    """loss.w_colour > 0: the stage's batches carry vi_chroma (the Harvard PET pairs' colour), and the
+    loss adds the recoloured gradient term; at 0 neither happens."""
+    import jax
+
+    from helpers import tiny_config
+    from dmfuse_jax.training.fusion import FusionStage
+
+    pet = str(DATA / harvard_split.FOLDERS["mri_pet"][0]), str(DATA / harvard_split.FOLDERS["mri_pet"][1])
+    data = [f"data.ir_dir={pet[0]}", f"data.vi_dir={pet[1]}"]
+    plain = FusionStage(tiny_config("fusion", data))
+    colour = FusionStage(tiny_config("fusion", data + ["loss.w_colour=20.0"]))
+    assert "vi_chroma" not in plain.example_batch(2) and plain.train_source(None)[0][0].keys() == {"ir", "vi"}
+    assert colour.example_batch(2)["vi_chroma"].shape == (2, 16, 16, 3)
+    source = colour.train_source(None)[0]
+    el = next(source[i] for i in range(len(source)) if np.abs(source[i]["vi_chroma"]).max() > 0.05)
+    batch = {k: jax.numpy.asarray(v)[None] for k, v in el.items()}
+    params, frozen = colour.init_params(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    with_colour, aux = colour.loss(params, frozen, batch, key)
+    without, aux0 = plain.loss(params, frozen, {k: batch[k] for k in ("ir", "vi")}, key)
+    assert "loss_colour" in aux and "loss_colour" not in aux0
+    np.testing.assert_allclose(float(with_colour), float(without) + 20.0 * float(aux["loss_colour"]), rtol=1e-5)

@@ -532,8 +532,23 @@ def build_report(config, args) -> dict:
     per_chip = analytic / r["chips"]
     r["flops"] = dict(analytic_per_step=analytic, analytic_per_chip=per_chip, xla_per_chip=r.pop("xla_flops"))
     r["roofline"] = roofline(per_chip, r["kernel_io_bytes"], chip, images, r["chips"])
-    # Whether it fits is XLA:TPU's verdict (it refuses to compile what does not fit the HBM it can use).
+    # Whether it fits is XLA:TPU's verdict (it refuses to compile what does not fit the HBM it can use),
+    # except that its compile-only client has been seen to compile past the chip (docs/fit.md)
+    check_tpu_capacity(r, lambda: largest_arrays(lowered.as_text()))
     return r
+
+
+def check_tpu_capacity(r: dict, largest) -> None:
+    """Raises the does-not-fit error when a program XLA:TPU compiled needs more than the chip's HBM:
+    arguments + outputs - aliased + temps (generated code left out, as XLA's own limit leaves it). A
+    compile-only client compiled one 1088x1088 fuse with 17.55 GiB of temps for a 16 GiB v5e; such a
+    program cannot load on the chip. largest: () -> [(size, shape)] of the lowered program."""
+    m, hbm = r["memory"], r["chip"]["hbm_bytes"]
+    buffers = m["peak_bytes"] - m["code_bytes"]
+    if buffers > hbm:
+        big = [(size, f"{shape} (global)") for size, shape in largest()]
+        raise _does_not_fit(r, f"{_gib(buffers)} (XLA:TPU compiled it, but its buffers exceed the chip)",
+                            _gib(hbm), big)
 
 
 def _gpu_compiled(r, compiled, lowered, chip, analytic, images, t0, c0, t_lower, t1) -> dict:

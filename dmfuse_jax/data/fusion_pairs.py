@@ -2,7 +2,9 @@
 
 As the paper: 256x256 patches with a step of 12, the same window for both modalities, grey values
 (a colour visible image contributes its BT.601 luma), scaled to the model range ([-1, 1] by default).
-The patch index is built deterministically from the sorted pair list.
+The patch index is built deterministically from the sorted pair list. With `chroma=True` each patch
+also carries the visible image's colour offsets, RGB minus luma (zero for a grey image), in model-range
+units, for the loss on the recoloured image (`fusion_loss.colour_gradient_loss`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmfuse_jax.data.images import luma, match_pairs, probe_image, read_image, to_model_range
+from dmfuse_jax.data.images import INPUT_RANGES, luma, match_pairs, probe_image, read_image, to_model_range
 from dmfuse_jax.errors import UserError
 
 
@@ -82,17 +84,17 @@ class PairedPatchSource:
     at once is written twice, with the same value).
     """
 
-    def __init__(self, pairs, *, patch: int = 256, step: int = 12, input_range: str = "-1_1"):
+    def __init__(self, pairs, *, patch: int = 256, step: int = 12, input_range: str = "-1_1", chroma: bool = False):
         if not pairs:
             raise UserError("no training pairs (check data.ir_dir / data.vi_dir and data.max_pairs)")
         self.pairs = list(pairs)
-        self.patch, self.step, self.input_range = patch, step, input_range
+        self.patch, self.step, self.input_range, self.chroma = patch, step, input_range, chroma
         sizes = check_sizes(self.pairs)
         small = [f"  {n}: {w}x{h}" for (n, _, _), (h, w) in zip(self.pairs, sizes) if h < patch or w < patch]
         if small:
             raise UserError(f"pairs smaller than the {patch}x{patch} patch (lower data.patch_size):\n" + "\n".join(small))
         self.index = patch_index(sizes, patch, step)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": {}}
@@ -104,20 +106,24 @@ class PairedPatchSource:
     def __len__(self) -> int:
         return len(self.index)
 
-    def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _pair(self, i: int) -> tuple[np.ndarray, ...]:
         got = self._cache.get(i)
         if got is None:
             _, a, b = self.pairs[i]
-            got = (to_model_range(luma(read_image(a)), self.input_range),
-                   to_model_range(luma(read_image(b)), self.input_range))
+            vi = read_image(b)
+            got = (to_model_range(luma(read_image(a)), self.input_range), to_model_range(luma(vi), self.input_range))
+            if self.chroma:
+                lo, hi = INPUT_RANGES[self.input_range]
+                chroma = (vi - luma(vi)) * (hi - lo) if vi.shape[-1] == 3 else np.zeros(vi.shape[:-1] + (3,))
+                got += (chroma.astype(np.float32),)  # an offset: scales with the range, does not shift
             self._cache[i] = got
         return got
 
     def __getitem__(self, index: int) -> dict:
         pair, y, x = (int(v) for v in self.index[int(index)])
-        ir, vi = self._pair(pair)
         p = self.patch
-        return {"ir": np.ascontiguousarray(ir[y:y + p, x:x + p]), "vi": np.ascontiguousarray(vi[y:y + p, x:x + p])}
+        names = ("ir", "vi", "vi_chroma") if self.chroma else ("ir", "vi")
+        return {k: np.ascontiguousarray(v[y:y + p, x:x + p]) for k, v in zip(names, self._pair(pair))}
 
     def __repr__(self) -> str:
         return f"PairedPatchSource({self.summary()})"

@@ -63,6 +63,7 @@ class FusionStage:
                             f"{self.model.unet.total_stride}")
         self._preview_fn = None
         self._previews = None
+        self._colour = float(config.loss.get("w_colour", 0.0)) > 0  # the batch then carries vi_chroma
 
     # -- data
     def _pairs(self):
@@ -78,12 +79,14 @@ class FusionStage:
         d = self.config.data
         train, held = self._pairs()
         source = PairedPatchSource(train, patch=self.patch, step=int(d.patch_step),
-                                   input_range=self.config.model.input_range)
+                                   input_range=self.config.model.input_range, chroma=self._colour)
         self._previews = held
         return source, None
 
     def example_batch(self, batch: int) -> dict:
         z = jnp.zeros((batch, self.patch, self.patch, 1), jnp.float32)
+        if self._colour:
+            return {"ir": z, "vi": z, "vi_chroma": jnp.zeros((batch, self.patch, self.patch, 3), jnp.float32)}
         return {"ir": z, "vi": z}
 
     # -- model
@@ -130,10 +133,11 @@ class FusionStage:
         return state
 
     def loss(self, params, frozen, batch, key):
-        """batch['ir'], batch['vi']: (B, P, P, 1) in model range. Returns (loss, metrics)."""
+        """batch['ir'], batch['vi']: (B, P, P, 1) in model range; batch['vi_chroma'] (B, P, P, 3) when
+        loss.w_colour > 0. Returns (loss, metrics)."""
         fused = self.model.apply({"params": {**frozen, **params}}, batch["ir"], batch["vi"], rngs={"noise": key})
         loss, aux = fusion_loss_from_config(fused, batch["ir"], batch["vi"], self.config.loss,
-                                            self.config.model.input_range)
+                                            self.config.model.input_range, vi_chroma=batch.get("vi_chroma"))
         return loss, aux
 
     # -- previews

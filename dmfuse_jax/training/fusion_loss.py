@@ -114,13 +114,50 @@ def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float
                        ssim_ir=jnp.mean(ssim_ir), ssim_vi=jnp.mean(ssim_vi))
 
 
-def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1"):
+def recolour(y: jax.Array, chroma: jax.Array, lo: float, hi: float, leak: float = 0.05) -> jax.Array:
+    """A luma (B, H, W, 1) recoloured with colour offsets (B, H, W, 3) (RGB minus luma, as
+    `PairedPatchSource(chroma=True)` gives them), clipped to the model range [lo, hi] as the written
+    image is (`ycbcr_to_rgb`). The clip leaks (slope `leak` outside the range) so that a channel the
+    clip flattens still passes a gradient back to the luma."""
+    c = y + chroma
+    clipped = jnp.clip(c, lo, hi)
+    return clipped + leak * (c - jax.lax.stop_gradient(c))
+
+
+def colour_gradient_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, vi_chroma: jax.Array,
+                         lo: float, hi: float) -> jax.Array:
+    """The gradient term on the recoloured image, per colour channel: mean | |grad F_c| -
+    max(|grad ir|, |grad vi_c|) |, with F = recolour(fused) and vi_c = vi + chroma_c (the visible
+    image's own channel). For a grey visible image (zero offsets) it is the luma gradient term.
+
+    Why (docs/evaluation.md, "MRI-PET Qabf"): the written medical image is the fused luma recoloured
+    with PET's chroma, and the field scores it per R, G, B channel. A fused luma darker than PET's
+    where PET is bright clips PET's blue (or red) channel to zero and loses its edges there, which
+    the luma loss never sees.
+
+    fused, ir, vi: (B, H, W, 1); vi_chroma: (B, H, W, 3); all in model range. Returns a scalar."""
+    fused, ir, vi, vi_chroma = (t.astype(jnp.float32) for t in (fused, ir, vi, vi_chroma))
+    f_rgb = recolour(fused, vi_chroma, lo, hi)
+    vi_rgb = vi + vi_chroma
+    return jnp.mean(jnp.abs(sobel_magnitude(f_rgb) - jnp.maximum(sobel_magnitude(ir), sobel_magnitude(vi_rgb))))
+
+
+def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1", vi_chroma=None):
     """`fusion_loss` with weights/target/weighting/SSIM form from `config.loss` and the data range from
     the model's input range. Configs saved before ssim_padding / ssim_constants existed get the
-    paper's ('valid', 'data_range')."""
-    return fusion_loss(fused, ir, vi, w_ssim=loss_config.w_ssim, w_intensity=loss_config.w_intensity,
+    paper's ('valid', 'data_range'). With loss.w_colour > 0 (and vi_chroma (B, H, W, 3)) it adds
+    w_colour x `colour_gradient_loss`."""
+    w_colour = float(loss_config.get("w_colour", 0.0))
+    if w_colour > 0 and vi_chroma is None:
+        raise ValueError("loss.w_colour > 0 needs the visible images' colour offsets (batch['vi_chroma'])")
+    total, aux = fusion_loss(fused, ir, vi, w_ssim=loss_config.w_ssim, w_intensity=loss_config.w_intensity,
                        w_gradient=loss_config.w_gradient, intensity_target=loss_config.intensity_target,
                        ssim_weighting=loss_config.ssim_weighting,
                        ssim_padding=loss_config.get("ssim_padding", "valid"),
                        ssim_constants=loss_config.get("ssim_constants", "data_range"),
                        data_range=2.0 if input_range == "-1_1" else 1.0)
+    if w_colour > 0:
+        lo, hi = (-1.0, 1.0) if input_range == "-1_1" else (0.0, 1.0)
+        aux["loss_colour"] = colour_gradient_loss(fused, ir, vi, vi_chroma, lo, hi)
+        total = total + w_colour * aux["loss_colour"]
+    return total, aux

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfuse_jax.data.images import INPUT_RANGES
+
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
 SOBEL_Y = SOBEL_X.T
 
@@ -157,7 +159,7 @@ def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1
                        ssim_constants=loss_config.get("ssim_constants", "data_range"),
                        data_range=2.0 if input_range == "-1_1" else 1.0)
     if w_colour > 0:
-        lo, hi = (-1.0, 1.0) if input_range == "-1_1" else (0.0, 1.0)
+        lo, hi = INPUT_RANGES[input_range]
         aux["loss_colour"] = colour_gradient_loss(fused, ir, vi, vi_chroma, lo, hi)
         total = total + w_colour * aux["loss_colour"]
     return total, aux

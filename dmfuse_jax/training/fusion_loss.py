@@ -119,8 +119,8 @@ def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float
 def recolour(y: jax.Array, chroma: jax.Array, lo: float, hi: float, leak: float = 0.05) -> jax.Array:
     """A luma (B, H, W, 1) recoloured with colour offsets (B, H, W, 3) (RGB minus luma, as
     `PairedPatchSource(chroma=True)` gives them), clipped to the model range [lo, hi] as the written
-    image is (`ycbcr_to_rgb`). The clip leaks (slope `leak` outside the range) so that a channel the
-    clip flattens still passes a gradient back to the luma."""
+    image is (`ycbcr_to_rgb`). The value is the clipped one; the gradient gets `leak` more everywhere
+    (`leak` where the clip is flat), so that a clipped channel still pulls the luma back into range."""
     c = y + chroma
     clipped = jnp.clip(c, lo, hi)
     return clipped + leak * (c - jax.lax.stop_gradient(c))

@@ -241,6 +241,13 @@ def _same_program(cell: Cell, r: dict) -> bool:
             and r.get("num_slices", 1) == cell.num_slices and fsdp == cell.fsdp and r.get("what", "train") == "train")
 
 
+def _at(base: Cell, per_chip: int, line: str, tag: str = "") -> Cell:
+    """base's program at per_chip images per chip, named <base without its _bN>_<tag>b<global>."""
+    chips = _chips(base.topology, base.num_slices)
+    return Cell(f"{base.name.rsplit('_b', 1)[0]}_{tag}b{per_chip * chips}", base.config, base.topology,
+                per_chip * chips, fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+
+
 def program_bracket(cell: Cell, got: dict) -> tuple[float | None, float | None]:
     """(largest per-chip batch that compiled, smallest above it that did not) over every result of
     cell's program (config, topology, slices, fsdp), whatever its name."""
@@ -276,10 +283,7 @@ def largest_cell(name: str, got: dict, resolution: int) -> Cell | None:
     if hi - lo <= resolution:
         print(f"{name}: fits {lo:g} per chip, not {hi:g} (resolution {resolution})")
         return None
-    mid = int((lo + hi) // 2)
-    chips = _chips(base.topology, base.num_slices)
-    return Cell(f"{base.name.rsplit('_b', 1)[0]}_b{mid * chips}", base.config, base.topology, mid * chips,
-                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+    return _at(base, int((lo + hi) // 2), line)
 
 
 def at_cell(name: str) -> Cell | None:
@@ -295,10 +299,7 @@ def at_cell(name: str) -> Cell | None:
     if base is None or not n.isdigit():
         print(f"{name}: want at:LINE:IMAGES_PER_CHIP or at:CELL:IMAGES_PER_CHIP with a known line or cell", file=sys.stderr)
         return None
-    chips = _chips(base.topology, base.num_slices)
-    stem = base.name.rsplit("_b", 1)[0] if "_b" in base.name else base.name
-    return Cell(f"{stem}_b{int(n) * chips}", base.config, base.topology, int(n) * chips,
-                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+    return _at(base, int(n), line)
 
 
 def check_cell(name: str, got: dict) -> Cell | None:
@@ -309,11 +310,7 @@ def check_cell(name: str, got: dict) -> Cell | None:
     if fit is None or base is None:
         print(f"{name}: line {line!r} has fewer than two measured points", file=sys.stderr)
         return None
-    r = got[base.name]
-    chips = r["chips"]
-    b = largest_batch(fit, _hbm(base))
-    return Cell(f"{base.name.rsplit('_b', 1)[0]}_check_b{b * chips}", base.config, base.topology, b * chips,
-                fsdp=base.fsdp, num_slices=base.num_slices, line=line)
+    return _at(base, largest_batch(fit, _hbm(base)), line, tag="check_")
 
 
 def main(argv=None) -> int:

@@ -7,21 +7,24 @@ dmfuse_jax/data/harvard_split.py) are never trained on; the first of each set is
 
 It starts from the default model's UNet and head (the flat npz files of ../shared/weights, the ones
 dmfuse_jax/assets/default_bundle was built from) with a fresh Adam. The loss is the paper's (weights
-1, 4, 20) with one change, measured and written down in docs/evaluation.md ("MRI-PET Qabf: the
-gradient term on the recoloured image"): its gradient term is computed on the recoloured image,
-per R, G, B channel (`loss.w_gradient = 0`, `loss.w_colour = 20`). For a grey partner (CT) that is
-the paper's term exactly; for PET and SPECT it keeps the fused luma from clipping a colour channel.
-MRI takes the infrared role, CT / PET / SPECT the visible role (their BT.601 luma, as `dmfuse fuse
---mode medical` does; the colour term also gets their colour offsets). 128x128 patches with a sliding
-step of 32 (25 per 256x256 pair), batch 2, Adam 1e-4 (constant), float32, 400 steps (800 patches,
-about a third of the 2,275): sized for about an hour on a 2-core CPU (measured: 27 to 31 min wall,
-940 to 1,020 s CPU, 3.0 to 3.5 GiB resident per 400 steps beside two TPU compiles; 57 min under
-heavier load).
+1, 4, 20) with two changes, each measured and written down in docs/evaluation.md ("MRI-PET Qabf"):
+its gradient term is computed on the recoloured image, per R, G, B channel (`loss.w_gradient = 0`,
+`loss.w_colour = 20`; for a grey partner (CT) that is the paper's term exactly; for PET and SPECT it
+keeps the fused luma from clipping a colour channel), and an edge-preservation term, 1 - Qabf of
+the recoloured image made differentiable (`loss.w_edge = 40`), which asks the fused image to keep
+each source's edges, strength and direction, where the gradient terms only ask for the larger
+magnitude. MRI takes the infrared role, CT / PET / SPECT the visible role (their BT.601 luma, as
+`dmfuse fuse --mode medical` does; the colour terms also get their colour offsets). 128x128 patches
+with a sliding step of 32 (25 per 256x256 pair), batch 2, Adam 1e-4 (constant), float32, 400 steps
+(800 patches, about a third of the 2,275): sized for about an hour on a 2-core CPU (measured: 27 to
+37 min wall, 940 to 1,940 s CPU, 3.0 to 3.5 GiB resident per 400 steps beside other jobs; 57 min
+under heavier load).
 
-The shipped head (dmfuse_jax/assets/medical_head.npz, float16) is four runs of 400 steps, each
+The shipped head (dmfuse_jax/assets/medical_head.npz, float16) is five runs of 400 steps, each
 from the head before it: two with the paper's loss unchanged (`--config.loss.w_gradient=20
---config.loss.w_colour=0`, 2026-12-01 and 02), then two of this config
-(`--config.init.head_params=<the previous head as npz>`, 2026-12-02), stored as
+--config.loss.w_colour=0 --config.loss.w_edge=0`, 2026-12-01 and 02), two with the colour term only
+(`--config.loss.w_edge=0`), then one of this config (`--config.init.head_params=<the previous head
+as npz>`, 2026-12-02), stored as
 
   python -c "import dmfuse_jax; from dmfuse_jax.conversion.npz import save_npz; \
     save_npz('dmfuse_jax/assets/medical_head.npz', \
@@ -53,6 +56,7 @@ def get_config():
     config.optimizer.learning_rate = 1e-4
     config.loss.w_gradient = 0.0  # the gradient term moves to the recoloured image (same for a grey CT)
     config.loss.w_colour = 20.0
+    config.loss.w_edge = 40.0  # 1 - Qabf of the recoloured image (fusion_loss.edge_preservation_loss)
     config.init.unet_params = "../shared/weights/dmfuse_jax_roadscene_unet_ema_fp16.npz"
     config.init.head_params = "../shared/weights/dmfuse_jax_roadscene_head_ema.npz"
     return config

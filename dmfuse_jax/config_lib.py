@@ -53,15 +53,18 @@ def fusion_loss_config(variant: str = "paper") -> ml_collections.ConfigDict:
     weights from the sources' batch-mean Sobel magnitudes; zero-padded 'same' SSIM with
     C1 = 0.01^2, C2 = 0.03^2). w_colour (0 in both): the weight of the gradient term on the
     recoloured image (`fusion_loss.colour_gradient_loss`), this project's addition for colour
-    visible images (medical PET / SPECT)."""
+    visible images (medical PET / SPECT); w_edge (0 in both): the weight of 1 - Qabf of the
+    recoloured image (`fusion_loss.edge_preservation_loss`), the medical head's second addition."""
     if variant == "paper":
         return ml_collections.ConfigDict(dict(w_ssim=1.0, w_intensity=4.0, w_gradient=20.0,
                                               intensity_target="mean", ssim_weighting="fixed",
-                                              ssim_padding="valid", ssim_constants="data_range", w_colour=0.0))
+                                              ssim_padding="valid", ssim_constants="data_range", w_colour=0.0,
+                                              w_edge=0.0))
     if variant == "released_code":
         return ml_collections.ConfigDict(dict(w_ssim=10.0, w_intensity=14.0, w_gradient=16.0,
                                               intensity_target="max", ssim_weighting="gradient",
-                                              ssim_padding="same", ssim_constants="unit", w_colour=0.0))
+                                              ssim_padding="same", ssim_constants="unit", w_colour=0.0,
+                                              w_edge=0.0))
     raise ValueError(f"unknown fusion loss variant {variant!r}")
 
 

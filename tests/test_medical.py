@@ -194,9 +194,11 @@ def test_quality_script_split_heldout_uses_only_the_held_out_pairs(shared_dir, t
     assert row[1].strip() == "average" and float(row[2]) <= 3.0, table  # averaging black with black stays black
 
 
-def test_loss_w_colour_feeds_the_fusion_stage_the_colour_offsets(shared_dir):
-    """loss.w_colour > 0: the stage's batches carry vi_chroma (the Harvard PET pairs' colour), and the
-    loss adds the recoloured gradient term; at 0 neither happens."""
+@pytest.mark.parametrize("key,term", [("w_colour", "loss_colour"), ("w_edge", "loss_edge")])
+def test_loss_w_colour_feeds_the_fusion_stage_the_colour_offsets(shared_dir, key, term):
+    """loss.w_colour (or loss.w_edge) > 0: the stage's batches carry vi_chroma (the Harvard PET pairs'
+    colour), and the loss adds the recoloured gradient (or edge-preservation) term; at 0 neither
+    happens."""
     import jax
 
     from helpers import tiny_config
@@ -205,7 +207,7 @@ def test_loss_w_colour_feeds_the_fusion_stage_the_colour_offsets(shared_dir):
     pet = str(DATA / harvard_split.FOLDERS["mri_pet"][0]), str(DATA / harvard_split.FOLDERS["mri_pet"][1])
     data = [f"data.ir_dir={pet[0]}", f"data.vi_dir={pet[1]}"]
     plain = FusionStage(tiny_config("fusion", data))
-    colour = FusionStage(tiny_config("fusion", data + ["loss.w_colour=20.0"]))
+    colour = FusionStage(tiny_config("fusion", data + [f"loss.{key}=20.0"]))
     assert "vi_chroma" not in plain.example_batch(2) and plain.train_source(None)[0][0].keys() == {"ir", "vi"}
     assert colour.example_batch(2)["vi_chroma"].shape == (2, 16, 16, 3)
     source = colour.train_source(None)[0]
@@ -215,5 +217,5 @@ def test_loss_w_colour_feeds_the_fusion_stage_the_colour_offsets(shared_dir):
     key = jax.random.PRNGKey(1)
     with_colour, aux = colour.loss(params, frozen, batch, key)
     without, aux0 = plain.loss(params, frozen, {k: batch[k] for k in ("ir", "vi")}, key)
-    assert "loss_colour" in aux and "loss_colour" not in aux0
-    np.testing.assert_allclose(float(with_colour), float(without) + 20.0 * float(aux["loss_colour"]), rtol=1e-5)
+    assert term in aux and term not in aux0
+    np.testing.assert_allclose(float(with_colour), float(without) + 20.0 * float(aux[term]), rtol=1e-5)

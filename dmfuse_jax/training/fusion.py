@@ -63,7 +63,8 @@ class FusionStage:
                             f"{self.model.unet.total_stride}")
         self._preview_fn = None
         self._previews = None
-        self._colour = float(config.loss.get("w_colour", 0.0)) > 0  # the batch then carries vi_chroma
+        # the batch then carries vi_chroma
+        self._colour = any(float(config.loss.get(k, 0.0)) > 0 for k in ("w_colour", "w_edge"))
 
     # -- data
     def _pairs(self):
@@ -134,7 +135,7 @@ class FusionStage:
 
     def loss(self, params, frozen, batch, key):
         """batch['ir'], batch['vi']: (B, P, P, 1) in model range; batch['vi_chroma'] (B, P, P, 3) when
-        loss.w_colour > 0. Returns (loss, metrics)."""
+        loss.w_colour or loss.w_edge > 0. Returns (loss, metrics)."""
         fused = self.model.apply({"params": {**frozen, **params}}, batch["ir"], batch["vi"], rngs={"noise": key})
         loss, aux = fusion_loss_from_config(fused, batch["ir"], batch["vi"], self.config.loss,
                                             self.config.model.input_range, vi_chroma=batch.get("vi_chroma"))

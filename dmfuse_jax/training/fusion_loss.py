@@ -63,14 +63,20 @@ def ssim(a: jax.Array, b: jax.Array, data_range: float, win_size: int = 11, sigm
     return jnp.mean(m, axis=(1, 2, 3))
 
 
-def sobel_magnitude(x: jax.Array) -> jax.Array:
-    """|Sobel_x| + |Sobel_y| of (B, H, W, C), zero padded, same size."""
+def sobel_xy(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sobel_x and Sobel_y responses of (B, H, W, C), zero padded, same size."""
     c = x.shape[-1]
     k = np.stack([SOBEL_X, SOBEL_Y], axis=-1)[:, :, None, :]  # (3, 3, 1, 2)
     k = jnp.asarray(np.tile(k, (1, 1, 1, c)))  # (3, 3, 1, 2C), per-channel groups
     out = jax.lax.conv_general_dilated(x.astype(jnp.float32), k, (1, 1), ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    return jnp.abs(out[..., 0::2]) + jnp.abs(out[..., 1::2])
+    return out[..., 0::2], out[..., 1::2]
+
+
+def sobel_magnitude(x: jax.Array) -> jax.Array:
+    """|Sobel_x| + |Sobel_y| of (B, H, W, C), zero padded, same size."""
+    gx, gy = sobel_xy(x)
+    return jnp.abs(gx) + jnp.abs(gy)
 
 
 def fusion_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, *, w_ssim: float = 1.0,
@@ -152,12 +158,7 @@ def _strength_orientation(x: jax.Array, eps: float = 1e-3) -> tuple[jax.Array, j
     """Sobel strength sqrt(gx^2 + gy^2) and orientation atan(gy / gx) of (B, H, W, C), zero padded,
     as Qabf measures them; gx is held at +-eps where it is smaller, so the orientation's gradient
     stays finite (the metric's gx == 0 rule is pi/2, the same limit)."""
-    c = x.shape[-1]
-    k = np.stack([SOBEL_X, SOBEL_Y], axis=-1)[:, :, None, :]
-    k = jnp.asarray(np.tile(k, (1, 1, 1, c)))
-    out = jax.lax.conv_general_dilated(x.astype(jnp.float32), k, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    gx, gy = out[..., 0::2], out[..., 1::2]
+    gx, gy = sobel_xy(x)
     g = jnp.sqrt(gx * gx + gy * gy + 1e-12)
     gx_safe = jnp.where(jnp.abs(gx) < eps, jnp.where(gx < 0, -eps, eps), gx)
     return g, jnp.arctan(gy / gx_safe)

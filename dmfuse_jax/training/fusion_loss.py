@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfuse_jax.data.images import INPUT_RANGES
+from dmfuse_jax.evaluation.metrics.gradient import QABF_SIGMOIDS
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
 SOBEL_Y = SOBEL_X.T
@@ -150,10 +151,6 @@ def colour_gradient_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, vi_chro
     return jnp.mean(jnp.abs(sobel_magnitude(f_rgb) - jnp.maximum(sobel_magnitude(ir), sobel_magnitude(vi_rgb))))
 
 
-# Xydeas & Petrovic's sigmoid constants, as the Qabf metric (evaluation/metrics/gradient.py)
-_QABF = dict(tg=0.9994, kg=-15.0, dg=0.5, ta=0.9879, ka=-22.0, da=0.8)
-
-
 def _strength_orientation(x: jax.Array, eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
     """Sobel strength sqrt(gx^2 + gy^2) and orientation atan(gy / gx) of (B, H, W, C), zero padded,
     as Qabf measures them; gx is held at +-eps where it is smaller, so the orientation's gradient
@@ -166,10 +163,10 @@ def _strength_orientation(x: jax.Array, eps: float = 1e-3) -> tuple[jax.Array, j
 
 def _preservation(gs, as_, gf, af):
     """Qabf's per-pixel edge preservation of a source (strength gs, orientation as_) in F."""
-    q = _QABF
+    tg, kg, dg, ta, ka, da = QABF_SIGMOIDS  # the metric's own constants
     g = jnp.minimum(gs, gf) / jnp.maximum(jnp.maximum(gs, gf), 1e-6)
     a = 1.0 - jnp.abs(as_ - af) / (np.pi / 2)
-    return (q["tg"] * jax.nn.sigmoid(-q["kg"] * (g - q["dg"]))) * (q["ta"] * jax.nn.sigmoid(-q["ka"] * (a - q["da"])))
+    return (tg * jax.nn.sigmoid(-kg * (g - dg))) * (ta * jax.nn.sigmoid(-ka * (a - da)))
 
 
 def edge_preservation_loss(fused: jax.Array, ir: jax.Array, vi: jax.Array, vi_chroma: jax.Array,
@@ -217,12 +214,11 @@ def fusion_loss_from_config(fused, ir, vi, loss_config, input_range: str = "-1_1
                        ssim_padding=loss_config.get("ssim_padding", "valid"),
                        ssim_constants=loss_config.get("ssim_constants", "data_range"),
                        data_range=2.0 if input_range == "-1_1" else 1.0)
+    lo, hi = INPUT_RANGES[input_range]
     if w_colour > 0:
-        lo, hi = INPUT_RANGES[input_range]
         aux["loss_colour"] = colour_gradient_loss(fused, ir, vi, vi_chroma, lo, hi)
         total = total + w_colour * aux["loss_colour"]
     if w_edge > 0:
-        lo, hi = INPUT_RANGES[input_range]
         aux["loss_edge"] = edge_preservation_loss(fused, ir, vi, vi_chroma, lo, hi)
         total = total + w_edge * aux["loss_edge"]
     return total, aux

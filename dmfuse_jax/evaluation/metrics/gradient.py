@@ -26,8 +26,13 @@ def _qabf_grad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g, a
 
 
+# Xydeas & Petrovic's sigmoids: Tg, kg, Dg (strength), Ta, ka, Da (orientation); also the training
+# loss's differentiable Qabf (training/fusion_loss.edge_preservation_loss)
+QABF_SIGMOIDS = (0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8)
+
+
 def _qabf_preservation(gs, as_, gf, af):
-    tg, kg, dg, ta, ka, da = 0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8
+    tg, kg, dg, ta, ka, da = QABF_SIGMOIDS
     with np.errstate(divide="ignore", invalid="ignore"):
         # VIFB's branch structure kept as is, including G = gF where gA == gF.
         g = np.where(gs > gf, gf / np.where(gs > gf, gs, 1.0),

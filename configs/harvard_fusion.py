@@ -51,7 +51,8 @@ def get_config():
         del config.data[key]
     config.data.sets = ml_collections.ConfigDict({
         name: dict(ir_dir=f"../shared/data/{a}", vi_dir=f"../shared/data/{b}",
-                   train=harvard_split.TRAIN[name], heldout=harvard_split.HELDOUT[name])
+                   train=harvard_split.TRAIN[name], heldout=harvard_split.HELDOUT[name],
+                   repeat=1)  # a set weight: its train pairs are listed `repeat` times
         for name, (a, b) in harvard_split.FOLDERS.items()})
     config.optimizer.learning_rate = 1e-4
     config.loss.w_gradient = 0.0  # the gradient term moves to the recoloured image (same for a grey CT)

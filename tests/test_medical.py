@@ -62,6 +62,25 @@ def test_harvard_config_trains_on_the_train_split_only(shared_dir):
     assert "mri_ct/11" not in {n for n, _, _ in FusionStage(config)._pairs()[0]}
 
 
+def test_set_repeat_weights_a_set_and_is_checked(shared_dir):
+    from dmfuse_jax.config_lib import load_config
+    from dmfuse_jax.training.fusion import FusionStage
+
+    config = load_config(str(ROOT / "configs" / "harvard_fusion.py"))
+    config.data.sets.mri_pet.repeat = 3
+    train, previews = FusionStage(config)._pairs()
+    names = [n for n, _, _ in train]
+    n_ct, n_pet, n_spect = (len(harvard_split.TRAIN[s]) for s in ("mri_ct", "mri_pet", "mri_spect"))
+    assert len(names) == n_ct + 3 * n_pet + n_spect, "mri_pet's train pairs listed three times"
+    assert all(names.count(f"mri_pet/{n}") == 3 for n in harvard_split.TRAIN["mri_pet"])
+    assert all(names.count(f"mri_ct/{n}") == 1 for n in harvard_split.TRAIN["mri_ct"])
+    assert [n for n, _, _ in previews] == ["mri_ct/12", "mri_pet/18", "mri_spect/13"], "held-out lists not repeated"
+    for bad in (0, -1):
+        config.data.sets.mri_pet.repeat = bad
+        with pytest.raises(UserError, match=r"data.sets.mri_pet.repeat: .*whole number >= 1"):
+            FusionStage(config)._pairs()
+
+
 def test_a_pair_in_both_lists_or_missing_is_refused(shared_dir):
     from dmfuse_jax.data.fusion_pairs import set_pairs
 

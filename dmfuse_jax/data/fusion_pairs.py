@@ -31,9 +31,11 @@ def split_pairs(ir_dir, vi_dir, num_holdout: int = 0, max_pairs: int = 0):
 def set_pairs(sets, resolve=None) -> tuple[list, list]:
     """Named pair lists over several folder pairs (a written-down split, e.g. configs/harvard_fusion.py).
 
-    sets: {set name: {'ir_dir', 'vi_dir', 'train': names, 'heldout': names}} (names are file stems).
-    Returns (train, held-out) lists of ('<set>/<name>', ir, vi), in the order given. A name missing
-    from its folders, or in both lists, is an error: held-out pairs are never trained on.
+    sets: {set name: {'ir_dir', 'vi_dir', 'train': names, 'heldout': names, optional 'repeat': n}}
+    (names are file stems). Returns (train, held-out) lists of ('<set>/<name>', ir, vi), in the order
+    given; a set's train pairs appear `repeat` times (default 1), so that its patches are drawn that
+    many times as often (a set weight: the sets differ in size and in how hard they are). A name
+    missing from its folders, or in both lists, is an error: held-out pairs are never trained on.
     `resolve(path, what)` maps a configured folder to a Path (default: as given)."""
     resolve = resolve or (lambda path, what: Path(path))
     train, held = [], []
@@ -43,11 +45,16 @@ def set_pairs(sets, resolve=None) -> tuple[list, list]:
         both = sorted(set(s["train"]) & set(s["heldout"]))
         if both:
             raise UserError(f"data.sets.{set_name}: pair(s) {', '.join(both)} are in both train and heldout")
-        for part, names, out in (("train", s["train"], train), ("heldout", s["heldout"], held)):
+        repeat = s.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise UserError(f"data.sets.{set_name}.repeat: {repeat!r}, want a whole number >= 1 "
+                            "(how many times the set's train pairs are listed)")
+        for part, names, out, times in (("train", s["train"], train, repeat), ("heldout", s["heldout"], held, 1)):
             missing = [n for n in names if n not in by_name]
             if missing:
                 raise UserError(f"data.sets.{set_name}.{part}: no pair named {', '.join(missing)} in {ir_dir} / {vi_dir}")
-            out.extend((f"{set_name}/{n}", *by_name[n]) for n in names)
+            for _ in range(times):
+                out.extend((f"{set_name}/{n}", *by_name[n]) for n in names)
     return train, held
 
 

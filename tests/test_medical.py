@@ -74,7 +74,12 @@ def test_set_repeat_weights_a_set_and_is_checked(shared_dir):
     assert len(names) == n_ct + 3 * n_pet + n_spect, "mri_pet's train pairs listed three times"
     assert all(names.count(f"mri_pet/{n}") == 3 for n in harvard_split.TRAIN["mri_pet"])
     assert all(names.count(f"mri_ct/{n}") == 1 for n in harvard_split.TRAIN["mri_ct"])
-    assert [n for n, _, _ in previews] == ["mri_ct/12", "mri_pet/18", "mri_spect/13"], "held-out lists not repeated"
+    assert [n for n, _, _ in previews] == ["mri_ct/12", "mri_pet/18", "mri_spect/13"], "first held-out pair per set"
+    from dmfuse_jax.data.fusion_pairs import set_pairs
+    from dmfuse_jax.data.pipeline import resolve_path
+    held = [n for n, _, _ in set_pairs(config.data.sets.to_dict(), resolve_path)[1]]
+    assert sorted(held) == sorted(f"{s}/{n}" for s, names in harvard_split.HELDOUT.items() for n in names), \
+        "the held-out lists are not repeated"
     for bad in (0, -1):
         config.data.sets.mri_pet.repeat = bad
         with pytest.raises(UserError, match=r"data.sets.mri_pet.repeat: .*whole number >= 1"):

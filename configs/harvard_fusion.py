@@ -20,7 +20,7 @@ with a sliding step of 32 (25 per 256x256 pair), batch 2, Adam 1e-4 (constant), 
 37 min wall, 940 to 1,940 s CPU, 3.0 to 3.5 GiB resident per 400 steps beside other jobs; 57 min
 under heavier load).
 
-The shipped head (dmfuse_jax/assets/medical_head.npz, float16) is seven runs, each from the head
+The shipped head (dmfuse_jax/assets/medical_head.npz, float16) is eight runs, each from the head
 before it (`--config.init.head_params=<the previous head as npz>`): five of 400 steps, two with the
 paper's loss unchanged (`--config.loss.w_gradient=20 --config.loss.w_colour=0 --config.loss.w_edge=0`,
 2026-12-01 and 02), two with the colour term only (`--config.loss.w_edge=0`), one of this config
@@ -28,11 +28,13 @@ paper's loss unchanged (`--config.loss.w_gradient=20 --config.loss.w_colour=0 --
 --config.optimizer.schedule=cosine --config.data.sets.mri_ct.train='()'
 --config.data.sets.mri_spect.train='()'`) and 600 on all three sets with MRI-PET weighted
 (`--config.loss.w_edge=120 --config.optimizer.schedule=cosine --config.total_steps=600
---config.data.sets.mri_ct.repeat=2 --config.data.sets.mri_pet.repeat=3`, 2026-12-03), stored as
+--config.data.sets.mri_ct.repeat=2 --config.data.sets.mri_pet.repeat=3`, 2026-12-03), then 150
+steps on whole 256x256 pairs (the same flags with `--config.total_steps=150
+--config.data.patch_size=256`; 23 min wall on the 2-core CPU, 2026-12-03), stored as
 
   python -c "import dmfuse_jax; from dmfuse_jax.conversion.npz import save_npz; \
     save_npz('dmfuse_jax/assets/medical_head.npz', \
-             dmfuse_jax.load_params('WORKDIR', ema=False, step=600)['head'], dtype='float16')"
+             dmfuse_jax.load_params('WORKDIR', ema=False, step=150)['head'], dtype='float16')"
 
 docs/evaluation.md, "Medical head", has the loss curves, the runs and the held-out scores.
 """
